@@ -1,0 +1,1 @@
+"""llm_partial_run."""
