@@ -31,11 +31,13 @@ class HFCausalLM:
         self.cached = cached
         self._past: Any = None
         self._mask: torch.Tensor | None = None
+        self._padded = False
 
     def reset(self) -> None:
         """Forget the KV cache, so the next call starts a new sequence."""
         self._past = None
         self._mask = None
+        self._padded = False
 
     def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the model on ``input_ids[B, T]`` (``mask[B, T]`` True on real tokens)."""
@@ -51,9 +53,11 @@ class HFCausalLM:
             )
         full_mask = new_mask if self._mask is None else torch.cat([self._mask, new_mask], dim=1)
         positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        # Without padding the model needs no mask, and building one costs it time every step.
+        padded = self._padded or not bool(new_mask.all())
         output = self.model(
             input_ids=ids,
-            attention_mask=full_mask,
+            attention_mask=full_mask if padded else None,
             position_ids=positions,
             past_key_values=self._past if self.cached else None,
             use_cache=self.cached,
@@ -61,4 +65,5 @@ class HFCausalLM:
         if self.cached:
             self._past = output.past_key_values
             self._mask = full_mask
+            self._padded = padded
         return output.logits
