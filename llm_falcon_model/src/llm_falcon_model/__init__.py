@@ -1,1 +1,23 @@
-"""llm_falcon_model."""
+"""llm_falcon_model: every Falcon variant as slices (begin, layers, end) with a compact KV cache.
+
+>>> part = FalconPart(FalconConfig.from_hf("config.json"), "b 0-8")    # doctest: +SKIP
+>>> cache = part.new_cache(batch_size=1, max_len=64)                    # doctest: +SKIP
+>>> hidden = part(torch.tensor([[1, 2, 3]]), cache=cache)               # doctest: +SKIP
+"""
+
+from .cache import KVCache, LayerCache
+from .config import FalconConfig
+from .convert import ARCHITECTURE, decider, load_part
+from .errors import FalconModelError
+from .model import FalconPart
+
+__all__ = [
+    "ARCHITECTURE",
+    "FalconConfig",
+    "FalconModelError",
+    "FalconPart",
+    "KVCache",
+    "LayerCache",
+    "decider",
+    "load_part",
+]
