@@ -74,6 +74,8 @@ def convert(
 def _architecture(
     source: Source, config: Mapping[str, Any], arch: str | None
 ) -> Architecture | None:
+    if source.kind == "old-pth":
+        return None  # its files already say where each tensor goes; ``arch`` only labels it
     if arch is not None:
         return find_architecture(name=arch)
     if source.kind == "gguf":
@@ -83,8 +85,6 @@ def _architecture(
             log.info("no model package for GGUF architecture %r: keeping GGUF names",
                      source.gguf_arch)  # fmt: skip
             return None
-    if source.kind == "old-pth":
-        return None
     model_type = config.get("model_type")
     if model_type is None:
         raise ConversionError(
@@ -123,7 +123,7 @@ def _copy_tokenizer(source: Source, src: Any, out_dir: Path) -> list[str]:
         shutil.copyfile(path, tmp)
         os.replace(tmp, out_dir / path.name)
         names.append(path.name)
-    if source.kind == "gguf":
+    if source.gguf_tokenizer:
         names += _gguf_tokenizer(Path(src), out_dir)
     fsync_dir(out_dir)
     return names

@@ -121,13 +121,15 @@ def _place(
     return t if device is None else t.to(device)
 
 
-def verify(directory: str | os.PathLike[str]) -> Manifest:
+def verify(directory: str | os.PathLike[str], *, progress: bool = False) -> Manifest:
     """Re-hash every file listed in the manifest; raise naming the first bad or missing file."""
+    from tqdm.auto import tqdm
+
     directory = Path(directory)
     manifest = read_manifest(directory)
     for name in (mid_name(i) for i in range(manifest.num_layers)):
         if name not in manifest.files:
             raise FormatError(f"{directory / name} is not listed in the manifest")
-    for name in manifest.files:
+    for name in tqdm(manifest.files, desc="verify", unit="file", disable=not progress):
         _check_file(directory, manifest, name, verify=True)
     return manifest

@@ -42,6 +42,7 @@ class Source:
     gguf_arch: str | None = None
     fingerprint: str = ""
     tokenizer_files: list[Path] = field(default_factory=list)
+    gguf_tokenizer: bool = False  # the GGUF file carries a vocabulary
 
 
 def fingerprint(paths: list[Path], *extra: object) -> str:
@@ -132,14 +133,16 @@ def _safetensors_source(
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` with ``weights_only=True``, memory-mapped where the file format allows."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise ConversionError(f"{path}: cannot be read with weights_only=True: {exc}") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
         log.warning("%s is in the legacy torch format: reading it whole into RAM", path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors from weights_only refusing a global
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
         raise ConversionError(f"{path}: cannot be read with weights_only=True: {exc}") from None
 
 
@@ -209,7 +212,8 @@ def open_gguf(path: Path) -> Source:
         return torch.from_numpy(array.astype("float32", copy=False).reshape(shape).copy())
 
     arch = metadata.get("general.architecture")
-    return Source("gguf", list(tensors), get, metadata, arch, fingerprint([path]))
+    has_vocab = "tokenizer.ggml.model" in reader.fields
+    return Source("gguf", list(tensors), get, metadata, arch, fingerprint([path]), [], has_vocab)
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:

