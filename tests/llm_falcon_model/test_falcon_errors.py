@@ -1,0 +1,97 @@
+"""Bad inputs are refused with FalconModelError, and a refused call leaves the cache untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_falcon_model import FalconConfig, FalconModelError, FalconPart
+
+HF = dict(
+    vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+    new_decoder_architecture=True, num_kv_heads=2,
+)  # fmt: skip
+
+
+@pytest.fixture
+def config() -> FalconConfig:
+    return FalconConfig.from_hf(HF)
+
+
+@pytest.fixture
+def whole(config) -> FalconPart:
+    torch.manual_seed(0)
+    return FalconPart(config, "f")
+
+
+@pytest.mark.parametrize("ids", [[[1, 40]], [[-1, 3]]])
+def test_ids_outside_the_vocabulary(whole, ids):
+    with pytest.raises(FalconModelError, match="token ids"):
+        whole(torch.tensor(ids))
+
+
+def test_float_input_to_a_part_with_begin(whole):
+    with pytest.raises(FalconModelError, match="token ids"):
+        whole(torch.zeros(1, 3, 16))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 15), (1, 3), (3, 16)])
+def test_hidden_of_the_wrong_shape(config, shape):
+    middle = FalconPart(config, "0-2")
+    with pytest.raises(FalconModelError, match="hidden states"):
+        middle(torch.zeros(shape))
+
+
+def test_integer_hidden_states_are_refused(config):
+    with pytest.raises(FalconModelError, match="hidden states"):
+        FalconPart(config, "1-2 e")(torch.zeros(1, 2, 16, dtype=torch.long))
+
+
+def test_batch_larger_than_the_cache(whole):
+    cache = whole.new_cache(2, 8)
+    with pytest.raises(FalconModelError, match="larger than the cache"):
+        whole(torch.ones(3, 2, dtype=torch.long), cache=cache)
+
+
+def test_sequence_longer_than_max_len_leaves_the_cache_usable(whole):
+    cache = whole.new_cache(1, 5)
+    whole(torch.tensor([[1, 2, 3]]), cache=cache)
+    with pytest.raises(FalconModelError, match="max_len 5"):
+        whole(torch.tensor([[4, 5, 6]]), cache=cache)
+    assert cache.length == 3
+    got = whole(torch.tensor([[4, 5]]), cache=cache)
+    want = whole(torch.tensor([[1, 2, 3, 4, 5]]))[:, 3:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("mask", "match"),
+    [
+        (torch.ones(1, 3), "bool or integer"),
+        (torch.ones(2, 3, dtype=torch.long), r"\[B, T\]"),
+        (torch.ones(1, 4, dtype=torch.bool), r"\[B, T\]"),
+        (torch.tensor([[0, 2, 1]]), "0 \\(padding\\) or 1"),
+        ([[1, 1, 1]], r"\[B, T\]"),
+    ],
+)
+def test_malformed_masks(whole, mask, match):
+    with pytest.raises(FalconModelError, match=match):
+        whole(torch.tensor([[1, 2, 3]]), mask=mask)
+
+
+def test_cache_of_another_part(config, whole):
+    other = FalconPart(config, "0-1")
+    with pytest.raises(FalconModelError, match="new_cache"):
+        whole(torch.tensor([[1, 2]]), cache=other.new_cache(1, 4))
+
+
+def test_bad_cache_sizes(whole):
+    with pytest.raises(FalconModelError, match="max_len"):
+        whole.new_cache(1, 0)
+
+
+def test_spec_out_of_bounds(config):
+    from llm_sepweight import PartSpecError
+
+    with pytest.raises(PartSpecError):
+        FalconPart(config, "0-3")
