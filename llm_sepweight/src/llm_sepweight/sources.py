@@ -206,14 +206,29 @@ def open_gguf(path: Path) -> Source:
     tensors = {t.name: t for t in reader.tensors}
 
     def get(key: str) -> torch.Tensor:
-        t = tensors[key]
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        return torch.from_numpy(array.astype("float32", copy=False).reshape(shape).copy())
+        return _dequantize(gguf, tensors[key])
 
     arch = metadata.get("general.architecture")
     has_vocab = "tokenizer.ggml.model" in reader.fields
     return Source("gguf", list(tensors), get, metadata, arch, fingerprint([path]), [], has_vocab)
+
+
+def _dequantize(gguf: Any, t: Any, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """One GGUF tensor as float32 in torch order, dequantized a block of rows at a time.
+
+    The output is allocated once; only one chunk's temporaries exist besides it, so the peak
+    memory of a conversion stays near the size of its largest tensor.
+    """
+    import numpy as np
+
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    out = np.empty(shape, dtype=np.float32)
+    rows = out.reshape(-1, shape[-1]) if shape else out.reshape(1, 1)
+    data = t.data.reshape(rows.shape[0], -1)
+    for i in range(0, rows.shape[0], rows_per_chunk):
+        chunk = gguf.quants.dequantize(data[i : i + rows_per_chunk], t.tensor_type)
+        rows[i : i + rows_per_chunk] = chunk.reshape(-1, rows.shape[1])
+    return torch.from_numpy(out)
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
