@@ -32,7 +32,7 @@ shift || true
 setup
 case "$cmd" in
     setup) ;;
-    demo) exec .venv/bin/python -m llm_sepweight.demo "$@" ;;
+    demo) exec .venv/bin/python demo.py "$@" ;;
     test)
         set +e
         .venv/bin/python -m pytest "$@"
