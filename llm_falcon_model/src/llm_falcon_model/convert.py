@@ -71,7 +71,10 @@ def load_part(
     config = FalconConfig.from_hf(weights.manifest.config)
     part = FalconPart(config, weights.spec, device="meta")
     state = weights.state_dict(layer_prefix="layers.", first_slot=0)
-    missing, unexpected = part.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = part.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise FalconModelError(f"{directory} does not fit part {weights.spec}: {exc}") from exc
     if missing or unexpected:
         raise FalconModelError(
             f"{directory} does not match part {weights.spec}: missing {missing[:6]}, "
