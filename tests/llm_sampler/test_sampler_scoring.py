@@ -131,6 +131,11 @@ def test_multiple_choice_runs_all_questions_in_one_forward(tiny_llama):
     assert calls == [(4, 2), (2, 2)]
 
 
+def test_scoring_refuses_a_cached_hf_adapter(tiny_llama):
+    with pytest.raises(S.SamplerError, match="cached=False"):
+        S.score_continuations(S.HFCausalLM(tiny_llama), [[1]], [[2]])
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -10,6 +10,7 @@ import torch
 from .errors import SamplerError
 from .forward import ForwardFunc, Prompts, accepts_mask, call_forward, check_token_id, pad_rows
 from .forward import prompt_rows as _rows
+from .hf import HFCausalLM
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ def score_continuations(
     ids gets right-padded rows, which is exact for a causal model since padding only ever follows
     the scored tokens. Padding never enters the scores.
     """
+    if isinstance(forward_func, HFCausalLM) and forward_func.cached:
+        raise SamplerError("scoring passes whole sequences: use HFCausalLM(model, cached=False)")
     prompt_list = _rows(prompts, what="prompt")
     cont_list = _rows(continuations, what="continuation")
     if len(prompt_list) == 1 and len(cont_list) > 1:
