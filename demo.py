@@ -58,10 +58,10 @@ def generate(out: Path, parts: list[str], prompt: str, max_new_tokens: int) -> N
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     chain = [load_part(out, spec) for spec in parts]
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-    )
-    caches = [part.new_cache(1, ids.shape[1] + max_new_tokens) for part in chain]
+    messages = [{"role": "user", "content": prompt}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    ids = list(encoded["input_ids"])
+    caches = [part.new_cache(1, len(ids) + max_new_tokens) for part in chain]
 
     def forward(new_ids, mask):
         """Three chained parts: ids -> hidden -> hidden -> logits, each with its own cache."""
@@ -72,7 +72,7 @@ def generate(out: Path, parts: list[str], prompt: str, max_new_tokens: int) -> N
 
     print(f"prompt: {prompt}")
     start = time.perf_counter()
-    (tokens,) = sample(forward, ids.tolist(), max_new_tokens=max_new_tokens, cached=True,
+    (tokens,) = sample(forward, [ids], max_new_tokens=max_new_tokens, cached=True,
                        stop_token_ids=[tokenizer.eos_token_id])  # fmt: skip
     elapsed = time.perf_counter() - start
     text = tokenizer.decode(tokens, skip_special_tokens=True)
