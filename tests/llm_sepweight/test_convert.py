@@ -178,3 +178,16 @@ def test_architecture_is_found_through_entry_points(sw, tiny_llama, tmp_path, mo
     assert manifest.arch == "fakellama"
     sw.assert_directory_holds(tmp_path / "o", state)
     assert read_manifest(tmp_path / "o").config["model_type"] == "fake-llama"
+
+
+def test_a_state_dict_is_never_resumed_from_a_stale_journal(sw, tiny_llama, tmp_path):
+    """Two different in-memory state dicts written to one directory: the second wins entirely."""
+    _, state = tiny_llama
+    dump(state, tmp_path, sw.llama_decider())
+    (tmp_path / "manifest.json").unlink()  # as if the first run had been killed before the end
+    (tmp_path / ".sepweight-progress.json").write_text(
+        '{"fingerprint": "", "files": {"begin.safetensors": {"bytes": 1}}}'
+    )
+    doubled = {k: v * 2 for k, v in state.items()}
+    dump(doubled, tmp_path, sw.llama_decider())
+    sw.assert_directory_holds(tmp_path, doubled)

@@ -169,3 +169,23 @@ def test_garbled_manifest(model_dir):
     (directory / "manifest.json").write_text(json.dumps({"format": "sepweight", "version": 9}))
     with pytest.raises(FormatError, match="version 9"):
         read_manifest(directory)
+
+
+def test_reconverting_a_smaller_model_removes_stale_layer_files(model_dir):
+    directory, state = model_dir
+    small = {k: v for k, v in state.items() if not k.startswith(("h.4.", "h.5."))}
+    convert(small, directory, decider=lambda k: ("mid", int(k[2]), k[4:]) if k[0] == "h" else
+            ("begin", k))  # fmt: skip
+    assert read_manifest(directory).num_layers == 4
+    assert not (directory / "mid.00004.safetensors").exists()
+    assert not (directory / "end.safetensors").exists()
+    verify(directory)
+
+
+@pytest.mark.cuda
+def test_load_to_cuda(model_dir):
+    directory, state = model_dir
+    part = load(directory, "b 0-2", device="cuda", dtype=torch.float16)
+    tensor = part.layers[1]["w"]
+    assert tensor.is_cuda and tensor.dtype == torch.float16
+    assert torch.equal(tensor.cpu(), state["h.1.w"].half())

@@ -107,6 +107,8 @@ class DirectoryWriter:
         self.done: dict[str, dict[str, Any]] = self._read_journal()
 
     def _read_journal(self) -> dict[str, dict[str, Any]]:
+        if not self.fingerprint:
+            return {}  # a source that cannot be identified (in memory) is never resumed
         try:
             journal = json.loads((self.dir / JOURNAL).read_text())
         except (OSError, ValueError):
@@ -146,6 +148,9 @@ class DirectoryWriter:
         expected = {BEGIN, END, *(mid_name(i) for i in range(num_layers))}
         files = {n: {"sha256": e["sha256"], "bytes": e["bytes"]} for n, e in self.done.items()
                  if n in expected}  # fmt: skip
+        for stale in self.dir.glob("*.safetensors"):  # left by an earlier, larger conversion
+            if stale.name not in files:
+                stale.unlink()
         for name in extra:
             path = self.dir / name
             files[name] = {"sha256": hash_file(path), "bytes": path.stat().st_size}
