@@ -219,9 +219,34 @@ def test_hf_adapter_refuses_a_cache_of_another_batch_size(tiny_llama):
     )
 
 
+class _IdsOnly(torch.nn.Module):
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, 5)
+
+
+class _IdsAndMask(torch.nn.Module):
+    def forward(self, ids, mask):
+        return torch.zeros(*ids.shape, 5).masked_fill(~mask[..., None], 1.0)
+
+
 def test_accepts_mask_detection():
+    assert not S.accepts_mask(_IdsOnly())  # Module.__call__ takes *args: forward decides
+    assert S.accepts_mask(_IdsAndMask())
+    assert S.generate(_IdsOnly(), [[1, 2]], max_new_tokens=2) == [[0, 0]]
+    assert S.generate(_IdsAndMask(), [[1, 2], [3]], max_new_tokens=1) == [[0], [0]]
     assert S.accepts_mask(lambda ids, mask: ids)
     assert S.accepts_mask(lambda ids, mask=None: ids)
     assert S.accepts_mask(lambda *args: args)
     assert not S.accepts_mask(lambda ids: ids)
     assert not S.accepts_mask(lambda ids, *, mask=None: ids)
+
+
+def test_a_transformers_processor_works_as_a_user_processor(tiny_llama):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    forward = S.HFCausalLM(tiny_llama)
+    theirs = S.generate(forward, PROMPTS, max_new_tokens=8, cached=True,
+                        logits_processors=[RepetitionPenaltyLogitsProcessor(1.5)])  # fmt: skip
+    ours = S.generate(S.HFCausalLM(tiny_llama), PROMPTS, max_new_tokens=8, cached=True,
+                      sampling=S.SamplingConfig(repetition_penalty=1.5))  # fmt: skip
+    assert theirs == ours

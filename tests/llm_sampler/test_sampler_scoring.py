@@ -145,6 +145,7 @@ def test_scoring_refuses_a_cached_hf_adapter(tiny_llama):
         (lambda f: S.score_continuations(f, [[1]], [[2]], batch_size=0), "batch_size"),
         (lambda f: S.multiple_choice(f, [[1], [2]], [[[3]]]), "one list of options"),
         (lambda f: S.multiple_choice(f, [[1]], [[]]), "no options"),
+        (lambda f: S.multiple_choice(f, [[1]], [[4, 5]]), "list of token-id lists"),
     ],
 )
 def test_bad_scoring_input_raises(call, message):

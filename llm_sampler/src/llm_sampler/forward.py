@@ -25,9 +25,14 @@ Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 def accepts_mask(forward_func: ForwardFunc) -> bool:
-    """True when ``forward_func`` can be called as ``forward_func(input_ids, mask)``."""
+    """True when ``forward_func`` can be called as ``forward_func(input_ids, mask)``.
+
+    For a ``torch.nn.Module`` the signature of its ``forward`` decides (``Module.__call__``
+    itself takes ``*args``).
+    """
+    target = forward_func.forward if isinstance(forward_func, torch.nn.Module) else forward_func
     try:
-        signature = inspect.signature(forward_func)
+        signature = inspect.signature(target)
     except (TypeError, ValueError):  # some builtins have no signature: call them with ids only
         return False
     try:
@@ -75,7 +80,7 @@ def prompt_rows(
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise SamplerError(f"prompts must be token ids, got {type(prompts).__name__}")
         if len(prompts) > 0 and all(_is_token(t) for t in prompts):
-            rows = [list(prompts)]
+            rows = [[int(t) for t in prompts]]
         else:
             rows = [_token_list(row, f"{what} {i}") for i, row in enumerate(prompts)]
     if not rows:
@@ -102,6 +107,13 @@ def pad_rows(
         ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, start : start + len(row)] = True
     return ids.to(device), mask.to(device)
+
+
+def is_token_sequence(value: object) -> bool:
+    """True for a list/tuple/tensor of token ids (not a bare int, not a string)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def check_token_id(name: str, value: int) -> int:

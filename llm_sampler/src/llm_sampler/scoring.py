@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SamplerError
-from .forward import ForwardFunc, Prompts, accepts_mask, call_forward, check_token_id, pad_rows
+from .forward import (
+    ForwardFunc,
+    Prompts,
+    accepts_mask,
+    call_forward,
+    check_token_id,
+    is_token_sequence,
+    pad_rows,
+)
 from .forward import prompt_rows as _rows
 from .hf import HFCausalLM
 
@@ -114,6 +122,8 @@ def multiple_choice(
         )
     prompts, conts, owners = [], [], []
     for q, (question, opts) in enumerate(zip(question_list, options, strict=True)):
+        if isinstance(opts, torch.Tensor) or not all(is_token_sequence(o) for o in opts):
+            raise SamplerError(f"question {q}: options must be a list of token-id lists")
         if len(opts) == 0:
             raise SamplerError(f"question {q} has no options")
         for n, option in enumerate(_rows(list(opts), what=f"question {q} option")):
