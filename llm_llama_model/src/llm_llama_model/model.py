@@ -1,0 +1,290 @@
+"""A part of a Llama-family model: begin (embeddings), a range of decoder layers, end (norm + head).
+
+Module names follow the Hugging Face checkpoint (``layers.3.self_attn.q_proj.weight``), so the
+state dict keys of a part are the sepweight keys. Positions are never kept in the module: they are
+derived on every call from the padding mask and the cache the caller passes in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_sepweight import PartSpec
+
+from . import rope
+from .cache import KVCache, LayerKV
+from .config import LlamaConfig
+from .errors import LlamaModelError
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the mean square taken in float32 (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, **factory) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+@dataclass
+class Step:
+    """What every layer of one forward call shares: RoPE angles, mask, first cache slot."""
+
+    cos: torch.Tensor  # [B, 1, T, head_dim]
+    sin: torch.Tensor  # [B, 1, T, head_dim]
+    mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend
+    start: int  # cache slot of the first new position (0 without a cache)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]; = x.repeat_interleave(groups, 1)."""
+    if groups == 1:
+        return x
+    B, kv_heads, S, D = x.shape
+    return x[:, :, None].expand(B, kv_heads, groups, S, D).reshape(B, kv_heads * groups, S, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE; MHA, GQA and MQA differ only in num_key_value_heads."""
+
+    def __init__(self, config: LlamaConfig, **factory) -> None:
+        super().__init__()
+        hidden, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.head_dim, self.groups = hd, config.kv_groups
+        self.q_proj = nn.Linear(hidden, config.num_attention_heads * hd, bias=bias, **factory)
+        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * hd, bias=bias, **factory)
+        self.v_proj = nn.Linear(hidden, config.num_key_value_heads * hd, bias=bias, **factory)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, hidden, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor, step: Step, kv: LayerKV | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = rope.apply_rope(q, step.cos, step.sin), rope.apply_rope(k, step.cos, step.sin)
+        if kv is not None:
+            end = step.start + T
+            kv.k[:B, :, step.start : end] = k
+            kv.v[:B, :, step.start : end] = v
+            k, v = kv.k[:B, :, :end], kv.v[:B, :, :end]
+        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, **factory) -> None:
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias, **factory)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias, **factory)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, config: LlamaConfig, **factory) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, **factory)
+        self.mlp = MLP(config, **factory)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+
+    def forward(self, h: torch.Tensor, step: Step, kv: LayerKV | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), step, kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaPart(nn.Module):
+    """Begin, a range of decoder layers and/or end of a Llama-family model, as one module.
+
+    ``LlamaPart(config, "b 0-8")`` holds the embeddings and layers 0..7 in ``layers[0..7]``;
+    ``"8-16"`` holds layers 8..15 in local slots ``layers[0..7]``; ``"16-30 e"`` adds the final
+    norm and the head. Weights are uninitialised (use ``load_part`` or ``load_state_dict``).
+    """
+
+    def __init__(self, config: LlamaConfig, spec: PartSpec | str, device=None, dtype=None) -> None:
+        super().__init__()
+        spec = PartSpec.parse(spec) if isinstance(spec, str) else spec
+        self.config, self.spec = config, _resolve(spec, config.num_hidden_layers)
+        factory = {"device": device, "dtype": dtype}
+        if self.spec.begin:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(config, **factory) for _ in self.spec.layers)
+        if self.spec.end:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        self.register_buffer("inv_freq", rope.inv_freq(config).to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the part's weights (and of the hidden states it returns)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the part's weights."""
+        return next(self.parameters()).device
+
+    def tie_weights(self) -> None:
+        """Share one tensor between embeddings and head when the config ties them and both exist."""
+        if self.config.tie_word_embeddings and self.spec.begin and self.spec.end:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache of ``batch_size`` rows of up to ``max_len`` positions for this part's layers."""
+        if batch_size < 1 or max_len < 1:
+            raise LlamaModelError(
+                f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}"
+            )
+        window = self.config.sliding_window
+        if window is not None and window < max_len:
+            raise LlamaModelError(
+                f"max_len {max_len} exceeds the model's sliding_window {window}; sliding-window "
+                f"attention is not implemented, so ask for max_len <= {window}"
+            )
+        c = self.config
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        dev, dtype = self.device, self.dtype
+        layers = [
+            LayerKV(
+                torch.zeros(shape, device=dev, dtype=dtype),
+                torch.zeros(shape, device=dev, dtype=dtype),
+            )
+            for _ in self.layers
+        ]
+        return KVCache(layers, batch_size, max_len, dev)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Run the part on T new positions; see the package README for shapes."""
+        B, T = self._check_input(x)
+        mask = _check_mask(mask, B, T, x.device)
+        start = self._check_cache(cache, B, T)
+        h = self.embed_tokens(x) if self.spec.begin else x.to(self.dtype)
+        if len(self.layers):
+            step = self._step(mask, cache, start, h.dtype)
+            for i, layer in enumerate(self.layers):
+                h = layer(h, step, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            _advance(cache, mask, start)
+        if self.spec.end:
+            return self.lm_head(self.norm(h)).float()
+        return h
+
+    def _step(self, mask: torch.Tensor, cache: KVCache | None, start: int, dtype) -> Step:
+        B, T = mask.shape
+        seen = cache.seen[:B, None] if cache is not None else 0
+        positions = (seen + mask.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
+        cos, sin = rope.cos_sin(self.inv_freq, positions, dtype)
+        keys = mask if cache is None else torch.cat((cache.valid[:B, :start], mask), dim=1)
+        return Step(cos, sin, _attention_mask(keys, start), start)
+
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise LlamaModelError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if self.spec.begin:
+            return _check_ids(x, self.config.vocab_size)
+        H = self.config.hidden_size
+        if x.dim() != 3 or x.shape[-1] != H or not x.is_floating_point():
+            raise LlamaModelError(
+                f"this part (spec {str(self.spec)!r}) takes hidden states [B, T, {H}], "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+        if x.shape[1] == 0:
+            raise LlamaModelError("x holds no positions (T == 0)")
+        return x.shape[0], x.shape[1]
+
+    def _check_cache(self, cache: KVCache | None, batch: int, new: int) -> int:
+        window = self.config.sliding_window
+        if cache is None:
+            if window is not None and new > window:
+                raise LlamaModelError(f"{new} positions exceed the sliding_window {window}")
+            return 0
+        if not isinstance(cache, KVCache) or len(cache.layers) != len(self.layers):
+            raise LlamaModelError("cache was not made by this part's new_cache()")
+        if batch > cache.batch_size:
+            raise LlamaModelError(
+                f"batch of {batch} rows is larger than the cache's {cache.batch_size}"
+            )
+        if cache.length + new > cache.max_len:
+            raise LlamaModelError(
+                f"sequence too long: {cache.length} cached + {new} new positions exceed "
+                f"max_len {cache.max_len}"
+            )
+        return cache.length
+
+
+def _resolve(spec: PartSpec, num_layers: int) -> PartSpec:
+    try:
+        return spec.resolve(num_layers)
+    except ValueError as err:
+        raise LlamaModelError(
+            f"part spec {spec} does not fit a {num_layers}-layer model: {err}"
+        ) from err
+
+
+def _check_ids(x: torch.Tensor, vocab_size: int) -> tuple[int, int]:
+    if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32) or x.shape[1] == 0:
+        raise LlamaModelError(
+            f"this part takes token ids LongTensor[B, T], got {x.dtype} {tuple(x.shape)}"
+        )
+    low, high = int(x.min()), int(x.max())
+    if low < 0 or high >= vocab_size:
+        raise LlamaModelError(f"token ids must lie in [0, {vocab_size}), got min {low} max {high}")
+    return x.shape[0], x.shape[1]
+
+
+def _check_mask(mask: torch.Tensor | None, batch: int, new: int, device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(batch, new, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, new):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise LlamaModelError(f"mask must be a [B, T] = [{batch}, {new}] tensor, got {shape}")
+    if mask.dtype != torch.bool:
+        if (
+            mask.is_floating_point()
+            or mask.is_complex()
+            or not bool(((mask == 0) | (mask == 1)).all())
+        ):
+            raise LlamaModelError(
+                "mask must be bool or an integer tensor of 0 and 1 (1 = real token)"
+            )
+        mask = mask.bool()
+    return mask.to(device)
+
+
+def _attention_mask(keys: torch.Tensor, start: int) -> torch.Tensor:
+    """[B, 1, T, S] bool: query t (slot start + t) sees real key slots up to its own.
+
+    Every query also sees its own slot, so a padding query never has an empty row (which would
+    give NaN); what a padding position computes is never seen by a real one.
+    """
+    S = keys.shape[1]
+    q_slot = torch.arange(start, S, device=keys.device)[:, None]  # [T, 1]
+    k_slot = torch.arange(S, device=keys.device)[None, :]  # [1, S]
+    allowed = (keys[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # [B, T, S]
+    return allowed[:, None]
+
+
+def _advance(cache: KVCache, mask: torch.Tensor, start: int) -> None:
+    B, T = mask.shape
+    cache.valid[:B, start : start + T] = mask
+    cache.seen[:B] += mask.sum(1)
+    cache.length = start + T
