@@ -175,3 +175,34 @@ def test_bfloat16_part_tracks_transformers(kit, tmp_path):
     got = kit.run_chain(parts, ids, caches=caches)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)
+
+
+def test_driving_the_layers_one_by_one_equals_forward(kit, tmp_path):
+    # What a layer-streaming driver does: prepare, each part.layers[i] with its cache, complete.
+    (part,) = kit.dump_parts(kit.hf_falcon("falcon-rw-alibi"), tmp_path, specs=("f",))
+    ids, mask = left_pad(PROMPTS)
+    want = part(ids, mask, part.new_cache(3, 10))
+    cache = part.new_cache(3, 10)
+    with torch.no_grad():
+        h, inputs, step = part.prepare(ids, mask, cache)
+        for slot, layer in enumerate(part.layers):
+            h = layer(h, inputs, cache.layers[slot])
+        got = part.complete(h, step, cache)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert cache.length == ids.shape[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present")
+@pytest.mark.parametrize("variant_name", ["falcon-7b", "falcon-40b", "falcon-rw-alibi"])
+def test_parts_on_cuda_match_transformers_on_cpu(variant_name, kit, tmp_path):
+    model = kit.hf_falcon(variant_name)
+    (part,) = kit.dump_parts(model, tmp_path, specs=("f",))
+    part = part.to("cuda")
+    ids, mask = left_pad(PROMPTS)
+    cache = part.new_cache(3, ids.shape[1] + 4)
+    got = part(ids.cuda(), mask.cuda(), cache).cpu()
+    for row, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            want = model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(got[row, ids.shape[1] - len(prompt) :], want, atol=1e-3, rtol=0)

@@ -378,7 +378,20 @@ class FalconPart(nn.Module):
         """Run the part on ``T`` new tokens per row; with a cache, append them to it.
 
         ``mask`` ``[B, T]`` (bool or 0/1 ints) marks real tokens (1) and left padding (0);
-        None means all real.
+        None means all real. The same as :meth:`prepare`, every layer, :meth:`complete`.
+        """
+        h, inputs, step = self.prepare(x, mask, cache)
+        for slot, layer in enumerate(self.layers):
+            h = layer(h, inputs, None if cache is None else cache.layers[slot])
+        return self.complete(h, step, cache)
+
+    def prepare(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, AttentionInputs, Step]:
+        """Check the inputs; return the first layer's input, the shared attention inputs, the step.
+
+        For a driver that runs the layers itself (e.g. streaming their weights):
+        ``h = part.layers[i](h, inputs, cache.layers[i])`` for each slot, then :meth:`complete`.
         """
         batch, steps = self._check_input(x)
         mask = check_mask(mask, batch, steps, x.device)
@@ -386,9 +399,10 @@ class FalconPart(nn.Module):
             self._check_cache(cache)
         step = uncached_step(mask) if cache is None else cache.plan(mask)
         h = self.word_embeddings(x) if self.spec.begin else x.to(self.dtype)
-        inputs = attention_inputs(self.config, step, steps, h.dtype)
-        for slot, layer in enumerate(self.layers):
-            h = layer(h, inputs, None if cache is None else cache.layers[slot])
+        return h, attention_inputs(self.config, step, steps, h.dtype), step
+
+    def complete(self, h: torch.Tensor, step: Step, cache: KVCache | None = None) -> torch.Tensor:
+        """Commit the step to the cache and apply the end (final norm, float32 logits), if held."""
         if cache is not None:
             cache.advance(step)
         if self.spec.end:
