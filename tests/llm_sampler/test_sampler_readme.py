@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -24,3 +26,16 @@ def test_readme_example_runs(capsys):
     totals = namespace["scores"].total
     assert totals[1] < totals[0] < 0
     assert torch.isfinite(totals).all()
+
+
+def test_llm_sampler_imports_torch_only():
+    """The package must never pull in transformers or a model package of this repo."""
+    code = (
+        "import sys, llm_sampler\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "{'transformers', 'llm_llama_model', 'llm_falcon_model', 'llm_partial_run', "
+        "'socket_rpc', 'llm_sepweight'}]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
