@@ -140,3 +140,19 @@ def test_refused_configs_do_not_run_in_transformers_either(changes):
     model = transformers.FalconForCausalLM(transformers.FalconConfig(**TINY, **changes))
     with pytest.raises((AttributeError, RuntimeError, UnboundLocalError)):
         model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        (dict(qkv_layout="multi_query", num_kv_heads=2), "num_kv_heads"),
+        (dict(qkv_layout="per_head", num_kv_heads=2), "num_kv_heads"),
+        (dict(qkv_layout="fused"), "qkv_layout"),
+        (dict(block="parallel_three_norms"), "block"),
+        (dict(num_layers=0), "num_layers"),
+    ],
+)
+def test_direct_construction_is_validated(changes, field):
+    valid = FalconConfig.from_hf(TINY)
+    with pytest.raises(FalconModelError, match=field):
+        dataclasses.replace(valid, **changes)

@@ -102,3 +102,20 @@ def test_decider_refuses_an_unsupported_config_before_writing(tmp_path):
     with pytest.raises(FalconModelError, match="activation"):
         convert({"transformer.ln_f.weight": torch.ones(8)}, tmp_path / "out", config=config)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_part_reads_only_its_own_files(kit, tmp_path):
+    model = kit.hf_falcon("falcon-40b")
+    convert(model.state_dict(), tmp_path, config=model.config.to_dict())
+    for name in ("begin.safetensors", "mid.00000.safetensors", "end.safetensors"):
+        (tmp_path / name).unlink()  # a node holding layers 1-2 never needs these
+    middle = load_part(tmp_path, "1-3")
+    hidden = torch.randn(1, 4, model.config.hidden_size)
+    with torch.no_grad():
+        positions = torch.arange(4)[None]
+        emb = model.transformer.rotary_emb(hidden, positions)
+        want = hidden
+        for layer in model.transformer.h[1:]:
+            want = layer(want, alibi=None, attention_mask=None, position_ids=positions,
+                         position_embeddings=emb)[0]  # fmt: skip
+    torch.testing.assert_close(middle(hidden), want, atol=ATOL, rtol=0)

@@ -87,7 +87,7 @@ def alibi_bias(
 ) -> torch.Tensor:
     """ALiBi bias ``[B, heads, 1, L]``, already divided by ``sqrt(head_dim)`` like transformers.
 
-    Each key gets ``slope x position`` computed in bfloat16 (as Falcon-RW was trained); the query's
+    Each key gets ``slope x position`` computed in bfloat16 (as transformers does); the query's
     own position drops out of the softmax, so only the key's position matters.
     """
     slopes = alibi_slopes(config.num_heads, key_positions.device).bfloat16()
