@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -150,3 +152,25 @@ def test_disabled_settings_add_no_processor():
 def test_processor_factories_reject_bad_settings(factory, value):
     with pytest.raises(S.SamplerError):
         factory(value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(-30, 30), st.just(-math.inf)), min_size=1, max_size=12
+    ).filter(lambda v: any(math.isfinite(x) for x in v)),
+    k=st.integers(1, 15),
+    p=st.floats(1e-6, 1.0),
+    m=st.floats(0.0, 1.0),
+)
+def test_any_filter_chain_keeps_a_best_token_and_leaves_kept_logits_alone(values, k, p, m):
+    logits = torch.tensor([values])
+    out = logits
+    for process in (S.top_k(k), S.top_p(p), S.min_p(m)):
+        out = process(torch.zeros(1, 1, dtype=torch.long), out)
+    kept = torch.isfinite(out)
+    assert kept.any()
+    assert kept[0, logits[0].argmax()] or torch.equal(
+        logits[kept], logits.max().expand(int(kept.sum()))
+    )
+    assert torch.equal(out[kept], logits[kept])
