@@ -22,7 +22,7 @@ import transformers
 from transformers.cache_utils import DynamicCache
 from transformers.models.falcon.modeling_falcon import FalconDecoderLayer, FalconRotaryEmbedding
 
-from llm_falcon_model import FalconConfig, FalconPart
+from llm_falcon_model import FalconConfig, part_from_state_dict
 
 log = logging.getLogger("falcon_layer")
 
@@ -48,8 +48,8 @@ def build(shape: dict, dtype: torch.dtype):
         scale = 1.0 if "ln" in name or "layernorm" in name else param.shape[-1] ** -0.5
         weights[name] = torch.randn(param.shape, generator=generator, dtype=dtype).mul_(scale)
     hf_layer.load_state_dict(weights, assign=True)
-    part = FalconPart(FalconConfig.from_hf(hf_config.to_dict()), "0-1", device="meta")
-    part.load_state_dict({f"layers.0.{k}": v for k, v in weights.items()}, assign=True)
+    config = FalconConfig.from_hf(hf_config.to_dict())
+    part = part_from_state_dict(config, "0-1", {f"layers.0.{k}": v for k, v in weights.items()})
     rotary = FalconRotaryEmbedding(hf_config)
     return hf_layer.eval(), part.eval(), rotary, hf_config
 
@@ -106,7 +106,7 @@ def bench(name: str, shape: dict, repeats: int, tokens: int, prompt_len: int) ->
                     seconds, our_cache, our_out = run_ours(part, prompt, steps)
                     our_times.append(seconds)
     hf_ms, our_ms = statistics.median(hf_times) * 1e3, statistics.median(our_times) * 1e3
-    hf_kv, our_kv = hf_bytes_per_token(hf_cache), our_cache.bytes_per_token
+    hf_kv, our_kv = hf_bytes_per_token(hf_cache), our_cache.bytes_per_token()
     formula = config.kv_bytes_per_token(dtype.itemsize, num_layers=1)
     diff = (hf_out - our_out).abs().max().item()
     print(f"{name:<11} float32 decode ms/token  transformers {hf_ms:8.1f}   "

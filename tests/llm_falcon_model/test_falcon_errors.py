@@ -95,3 +95,38 @@ def test_spec_out_of_bounds(config):
 
     with pytest.raises(PartSpecError):
         FalconPart(config, "0-3")
+
+
+def test_reset_cache_starts_over(whole):
+    cache = whole.new_cache(2, 6)
+    whole(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[0, 1, 1], [1, 1, 1]]), cache)
+    cache.reset()
+    assert cache.length == 0
+    got = whole(torch.tensor([[7, 8]]), cache=cache)
+    torch.testing.assert_close(got, whole(torch.tensor([[7, 8]])), atol=1e-6, rtol=0)
+
+
+def test_part_from_state_dict_checks_keys_and_shapes(config, whole):
+    from llm_falcon_model import part_from_state_dict
+
+    state = dict(whole.state_dict())
+    shared = part_from_state_dict(config, "f", state)
+    assert shared.lm_head.weight.data_ptr() == state["lm_head.weight"].data_ptr()  # no copy
+    with pytest.raises(FalconModelError, match="missing"):
+        part_from_state_dict(config, "f", {k: v for k, v in state.items() if k != "ln_f.bias"})
+    with pytest.raises(FalconModelError, match="unexpected"):
+        part_from_state_dict(config, "0-1", {k: v for k, v in state.items() if "layers.0" in k}
+                             | {"ln_f.weight": state["ln_f.weight"]})  # fmt: skip
+    state["ln_f.weight"] = torch.ones(3)
+    with pytest.raises(FalconModelError, match="do not fit"):
+        part_from_state_dict(config, "f", state)
+
+
+def test_load_part_refuses_another_architecture(tmp_path):
+    from llm_falcon_model import load_part
+    from llm_sepweight import dump
+
+    dump({"model.norm.weight": torch.ones(2)}, tmp_path, lambda key: ("end", "norm.weight"),
+         arch="llama", config={})  # fmt: skip
+    with pytest.raises(FalconModelError, match="not 'falcon'"):
+        load_part(tmp_path, "e")

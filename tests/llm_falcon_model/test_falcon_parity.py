@@ -137,7 +137,7 @@ def test_cache_holds_only_the_kv_heads(variant, kit, tmp_path):
     kv_heads = expected_kv.get(variant, config.num_heads)
     cache = parts[1].new_cache(3, 10)
     assert [tuple(layer.k.shape) for layer in cache.layers] == [(3, kv_heads, 10, config.head_dim)]
-    assert cache.bytes_per_token == 2 * 1 * kv_heads * config.head_dim * 4
+    assert cache.bytes_per_token() == 2 * 1 * kv_heads * config.head_dim * 4
     assert config.kv_bytes_per_token(4) == 2 * 3 * kv_heads * config.head_dim * 4
 
 

@@ -7,7 +7,7 @@
 
 from .cache import KVCache, LayerCache
 from .config import FalconConfig
-from .convert import ARCHITECTURE, decider, load_part
+from .convert import ARCHITECTURE, decider, load_part, part_from_state_dict
 from .errors import FalconModelError
 from .model import FalconPart
 
@@ -20,4 +20,5 @@ __all__ = [
     "LayerCache",
     "decider",
     "load_part",
+    "part_from_state_dict",
 ]

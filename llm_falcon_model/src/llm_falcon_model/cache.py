@@ -36,7 +36,6 @@ class LayerCache:
         self.v[:batch, :, start:stop] = v
         return self.k[:batch, :, :stop], self.v[:batch, :, :stop]
 
-    @property
     def nbytes(self) -> int:
         """Bytes held by this layer's two buffers."""
         return self.k.nbytes + self.v.nbytes
@@ -96,15 +95,21 @@ class KVCache:
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.padded = False
 
-    @property
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers of every layer (bookkeeping not counted)."""
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.layers)
 
-    @property
     def bytes_per_token(self) -> int:
         """K/V bytes one token slot costs across this cache's layers."""
-        return self.nbytes // (self.batch_size * self.max_len)
+        return self.nbytes() // (self.batch_size * self.max_len)
+
+    def reset(self) -> None:
+        """Forget every position; the buffers are reused (stale slots are never attended)."""
+        self.length = 0
+        self.real.zero_()
+        self.positions.zero_()
+        self.seen.zero_()
+        self.padded = False
 
     def plan(self, mask: torch.Tensor) -> Step:
         """The :class:`Step` for new tokens with padding ``mask`` (``[B, T]`` bool).

@@ -68,20 +68,33 @@ def load_part(
     memory-mapped and assigned (``load_state_dict(assign=True)``); nothing else is read.
     """
     weights = load(directory, spec, device=device, dtype=dtype)
+    if weights.manifest.arch != "falcon":
+        raise FalconModelError(f"{directory} holds a {weights.manifest.arch!r} model, not 'falcon'")
     config = FalconConfig.from_hf(weights.manifest.config)
-    part = FalconPart(config, weights.spec, device="meta")
     state = weights.state_dict(layer_prefix="layers.", first_slot=0)
+    log.debug("loading Falcon part %s from %s", weights.spec, directory)
+    return part_from_state_dict(config, weights.spec, state)
+
+
+def part_from_state_dict(
+    config: FalconConfig, spec: str | PartSpec, state: Mapping[str, torch.Tensor]
+) -> FalconPart:
+    """A part whose parameters *are* the given tensors (no copy).
+
+    Keys are part-relative: ``word_embeddings.weight``, ``layers.<slot>.*`` from slot 0,
+    ``ln_f.*``, ``lm_head.weight``; every key the part needs must be there, and no other.
+    """
+    part = FalconPart(config, spec, device="meta")
     try:
         missing, unexpected = part.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # a tensor of the wrong shape
-        raise FalconModelError(f"{directory} does not fit part {weights.spec}: {exc}") from exc
+        raise FalconModelError(f"weights do not fit part {part.spec}: {exc}") from exc
     if missing or unexpected:
         raise FalconModelError(
-            f"{directory} does not match part {weights.spec}: missing {missing[:6]}, "
+            f"weights do not match part {part.spec}: missing {missing[:6]}, "
             f"unexpected {unexpected[:6]}"
         )
-    log.debug("loaded Falcon part %s from %s", weights.spec, directory)
-    return part.eval()
+    return part.requires_grad_(False).eval()
 
 
 ARCHITECTURE = Architecture(
