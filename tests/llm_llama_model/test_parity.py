@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
-from llm_llama_model import LlamaConfig, LlamaPart, decider, part_from_state_dict
+from llm_llama_model import LlamaPart, decider, load_part
+from llm_sepweight import dump
 
 SPECS = ("b 0-1", "1-3", "3-4 e")
 BASE = dict(
@@ -58,30 +61,13 @@ def hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def split(model: transformers.PreTrainedModel, specs=SPECS, dtype=torch.float32) -> list[LlamaPart]:
-    """Our parts holding the HF model's weights, placed by our decider (as sepweight would)."""
+def split(model, directory: Path, specs=SPECS, dtype=torch.float32) -> list[LlamaPart]:
+    """The HF model's weights written by llm_sepweight.dump (placed by our decider), then each
+    part loaded with load_part, exactly as a node would."""
     hf_config = model.config.to_dict()
-    config, decide = LlamaConfig.from_hf(hf_config), decider(hf_config)
-    places: dict = {"begin": {}, "end": {}}
-    for key, tensor in model.state_dict().items():
-        found = decide(key)
-        for place in found if isinstance(found, list) else [found] if found else []:
-            if place[0] == "mid":
-                places.setdefault(place[1], {})[place[2]] = tensor.to(dtype)
-            else:
-                places[place[0]][place[1]] = tensor.to(dtype)
-    parts = []
-    for spec in specs:
-        part = LlamaPart(config, spec, device="meta")
-        state = {}
-        if part.spec.begin:
-            state.update(places["begin"])
-        for slot, layer in enumerate(part.spec.layers):
-            state.update({f"layers.{slot}.{k}": v for k, v in places[layer].items()})
-        if part.spec.end:
-            state.update(places["end"])
-        parts.append(part_from_state_dict(config, part.spec, state))
-    return parts
+    dump(model.state_dict(), directory, decider(hf_config), arch="llama", config=hf_config,
+         dtype=dtype)  # fmt: skip
+    return [load_part(directory, spec) for spec in specs]
 
 
 def run_chain(parts, x, mask=None, caches=None):
@@ -91,9 +77,9 @@ def run_chain(parts, x, mask=None, caches=None):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefill_and_decode_equal_transformers(case):
+def test_prefill_and_decode_equal_transformers(case, tmp_path):
     model = hf_model(case)
-    parts = split(model)
+    parts = split(model, tmp_path)
     caches = [p.new_cache(2, 32) for p in parts]
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -111,17 +97,17 @@ def test_prefill_and_decode_equal_transformers(case):
 
 
 @pytest.mark.parametrize("specs", [("f",), ("b", "0-4", "e"), ("b 0-2", "2-4", "e"), ("b 0-4 e",)])
-def test_any_split_gives_the_same_logits(specs):
+def test_any_split_gives_the_same_logits(specs, tmp_path):
     model = hf_model("gqa")
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(
-            run_chain(split(model, specs), ids), model(ids).logits, atol=1e-4, rtol=0
+            run_chain(split(model, tmp_path, specs), ids), model(ids).logits, atol=1e-4, rtol=0
         )
 
 
-def test_uncached_whole_sequence_equals_cached_steps():
-    parts = split(hf_model("rope_llama3_tied"))
+def test_uncached_whole_sequence_equals_cached_steps(tmp_path):
+    parts = split(hf_model("rope_llama3_tied"), tmp_path)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     caches = [p.new_cache(1, 12) for p in parts]
     with torch.no_grad():
@@ -132,10 +118,10 @@ def test_uncached_whole_sequence_equals_cached_steps():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precisions_follow_transformers(dtype):
+def test_half_precisions_follow_transformers(dtype, tmp_path):
     model = hf_model("gqa")
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(4))
-    parts = split(model, dtype=dtype)
+    parts = split(model, tmp_path, dtype=dtype)
     caches = [p.new_cache(1, 9) for p in parts]
     with torch.no_grad():
         expected = model.to(dtype)(ids).logits.float()
@@ -161,8 +147,8 @@ def greedy(parts, ids, mask, steps):
 
 
 @pytest.mark.parametrize("case", ["gqa", "rope_llama3_tied"])
-def test_left_padded_batch_equals_each_prompt_alone(case):
-    parts = split(hf_model(case))
+def test_left_padded_batch_equals_each_prompt_alone(case, tmp_path):
+    parts = split(hf_model(case), tmp_path)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 128, (n,), generator=gen) for n in (3, 7, 1, 5)]
     width = max(len(p) for p in prompts)
@@ -182,10 +168,10 @@ def test_left_padded_batch_equals_each_prompt_alone(case):
             assert torch.equal(batch[2][row], alone[2][0])
 
 
-def test_masked_decode_step_leaves_a_row_untouched():
+def test_masked_decode_step_leaves_a_row_untouched(tmp_path):
     """A row whose new token is padding (mask 0) keeps its state: later steps match a row that
     never saw that step."""
-    parts = split(hf_model("gqa"))
+    parts = split(hf_model("gqa"), tmp_path)
     ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         caches = [p.new_cache(2, 8) for p in parts]
