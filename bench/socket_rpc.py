@@ -1,0 +1,205 @@
+"""socket_rpc against a raw Python socket doing the same bytes, side by side on 127.0.0.1.
+
+    python bench/socket_rpc.py            (or: bash dev.sh bench socket_rpc)
+
+The servers run in a child process (so client and server do not share a GIL). Each line measures
+the same transfer twice in alternating rounds: once through socket_rpc (``echo(x)`` returns ``x``),
+once through a raw socket that sends an 8-byte length and the payload and gets them back, into
+buffers it allocated once (the limit: no headers, no allocation, no decoding). Throughput counts
+the bytes both ways; times are round-trip medians.
+
+Targets (issue 4): large transfers >= 0.7x raw throughput; small calls within 2x of the raw
+ping-pong and under 150 us median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+# This file is named like the package: keep its folder off the path so `import socket_rpc` finds
+# the package, not this script.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+LENGTH = struct.Struct("<Q")
+
+
+# ---- the child process: a raw echo server and a socket_rpc server ------------------------------
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("closed")
+        got += n
+
+
+def _raw_echo(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = memoryview(bytearray(300 << 20))
+    head = bytearray(8)
+    try:
+        while True:
+            _recv_exact(conn, memoryview(head))
+            (size,) = LENGTH.unpack(head)
+            _recv_exact(conn, buffer[:size])
+            conn.sendmsg([head, buffer[:size]]) if size < 65536 else _send_all(
+                conn, head, buffer[:size]
+            )
+    except (ConnectionError, OSError):
+        conn.close()
+
+
+def _send_all(sock: socket.socket, head: bytes, payload: memoryview) -> None:
+    sock.sendall(head)
+    sock.sendall(payload)
+
+
+def serve() -> None:
+    from socket_rpc import Server
+
+    raw = socket.create_server(("127.0.0.1", 0))
+    server = Server()
+
+    @server.expose
+    def echo(x=None):
+        return x
+
+    @server.expose
+    def ping():
+        return None
+
+    server.start()
+    print(raw.getsockname()[1], server.address[1], flush=True)
+    while True:
+        conn, _ = raw.accept()
+        threading.Thread(target=_raw_echo, args=(conn,), daemon=True).start()
+
+
+# ---- the parent: measurements -------------------------------------------------------------------
+
+
+class RawClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.head = bytearray(8)
+        self.buffer = memoryview(bytearray(300 << 20))
+
+    def round_trip(self, payload: memoryview) -> None:
+        size = payload.nbytes
+        if size < 65536:
+            self.sock.sendmsg([LENGTH.pack(size), payload])
+        else:
+            self.sock.sendall(LENGTH.pack(size))
+            self.sock.sendall(payload)
+        _recv_exact(self.sock, memoryview(self.head))
+        _recv_exact(self.sock, self.buffer[:size])
+
+
+def _timed(fn, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def large(raw: RawClient, client, mib: int, rounds: int) -> None:
+    x = np.random.default_rng(0).standard_normal(mib << 18, dtype=np.float32)  # mib MiB
+    payload = memoryview(x).cast("B")
+    raw_t, rpc_t = [], []
+    y = client.echo(x)  # warm-up, and a check that the bytes come back
+    if not np.array_equal(x, y):
+        raise SystemExit("socket_rpc returned different bytes")
+    del y
+    raw.round_trip(payload)
+    for _ in range(rounds):
+        raw_t += _timed(lambda: raw.round_trip(payload), 1)
+        rpc_t += _timed(lambda: client.echo(x), 1)
+    nbytes = 2 * x.nbytes
+    raw_gbs = nbytes / statistics.median(raw_t) / 1e9
+    rpc_gbs = nbytes / statistics.median(rpc_t) / 1e9
+    print(
+        f"{mib:>4} MiB float32 round trip   raw {raw_gbs:6.2f} GB/s   "
+        f"socket_rpc {rpc_gbs:6.2f} GB/s"
+        f"   ratio {rpc_gbs / raw_gbs:4.2f}x   (target >= 0.70x)"
+    )
+
+
+def small(raw: RawClient, label: str, raw_payload: memoryview, call, rounds: int) -> None:
+    raw_t, rpc_t = [], []
+    for _ in range(200):  # warm-up
+        raw.round_trip(raw_payload)
+        call()
+    for _ in range(rounds):
+        raw_t += _timed(lambda: raw.round_trip(raw_payload), 100)
+        rpc_t += _timed(call, 100)
+    raw_us = statistics.median(raw_t) * 1e6
+    rpc_us = statistics.median(rpc_t) * 1e6
+    print(
+        f"{label:<30} raw {raw_us:7.1f} us     socket_rpc {rpc_us:7.1f} us   "
+        f"ratio {rpc_us / raw_us:4.2f}x   (target <= 2x and < 150 us)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each large transfer")
+    args = parser.parse_args()
+    if args.serve:
+        serve()
+        return
+
+    import torch
+
+    from socket_rpc import Client
+
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        raw_port, rpc_port = map(int, child.stdout.readline().split())
+        raw = RawClient(raw_port)
+        with Client("127.0.0.1", rpc_port) as client:
+            print(f"socket_rpc vs raw socket on 127.0.0.1 (python {sys.version.split()[0]})")
+            large(raw, client, 32, args.rounds * 3)
+            large(raw, client, 256, args.rounds)
+            x16 = np.ones(4096, np.float32)
+            t16 = torch.ones(4096)
+            small(
+                raw,
+                "16 KiB float32 numpy echo",
+                memoryview(x16).cast("B"),
+                lambda: client.echo(x16),
+                20,
+            )
+            small(
+                raw,
+                "16 KiB float32 torch echo",
+                memoryview(x16).cast("B"),
+                lambda: client.echo(t16),
+                20,
+            )
+            small(raw, "no-argument call", memoryview(bytes(64)), client.ping, 20)
+    finally:
+        child.kill()
+        child.wait()
+
+
+if __name__ == "__main__":
+    main()

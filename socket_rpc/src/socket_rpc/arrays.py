@@ -1,0 +1,195 @@
+"""numpy arrays and torch tensors as ``{dtype, shape}`` plus raw little-endian bytes.
+
+Neither library is imported here at module level. A value can only be a numpy array if numpy is
+already imported (``sys.modules``), so the sender never imports anything; the receiver imports
+numpy or torch the first time such a value arrives.
+
+Only the bytes of the view are sent: a non-contiguous view is made contiguous (a copy of the view,
+never of its whole storage), a contiguous one is sent from its own memory without a copy.
+Received arrays wrap the received buffer (``np.frombuffer`` / ``torch.frombuffer``): no copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import sys
+from typing import Any
+
+from .errors import EncodeError, ProtocolError
+
+# numpy dtypes sent as themselves; the wire name is the numpy name, the layout little-endian.
+NUMPY_DTYPES = {
+    "bool": "|b1",
+    "int8": "|i1",
+    "uint8": "|u1",
+    "int16": "<i2",
+    "uint16": "<u2",
+    "int32": "<i4",
+    "uint32": "<u4",
+    "int64": "<i8",
+    "uint64": "<u8",
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "complex64": "<c8",
+    "complex128": "<c16",
+}
+
+_NUMPY_NAMES = {wire: name for name, wire in NUMPY_DTYPES.items()}
+
+# torch dtypes with a fixed byte layout. bfloat16 and the float8 formats have no numpy dtype:
+# they travel as their raw bytes with this name as the tag. Quantized dtypes (which need a scale
+# and zero point) and the sub-byte placeholder dtypes are not sent.
+TORCH_DTYPES = (
+    "bool",
+    "uint8",
+    "int8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex32",
+    "complex64",
+    "complex128",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+)
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise EncodeError("socket_rpc sends arrays only from little-endian hosts")
+
+
+def encode_numpy(np: Any, array: Any) -> tuple[dict[str, Any], memoryview, Any]:
+    """``(description, bytes view, owner)`` of a numpy array; ``owner`` keeps the bytes alive."""
+    if type(array) is not np.ndarray:
+        if isinstance(array, np.ma.MaskedArray):
+            raise EncodeError("masked arrays are not sent (the mask would be lost)")
+        array = np.asarray(array)
+    name = _NUMPY_NAMES.get(array.dtype.str)
+    if name is None:
+        little = array.dtype.newbyteorder("<") if array.dtype.fields is None else None
+        if little is None or little.str not in _NUMPY_NAMES:
+            raise EncodeError(
+                f"numpy dtype {array.dtype} is not supported; supported: {', '.join(NUMPY_DTYPES)}"
+            )
+        array = array.astype(little)  # big-endian data is sent little-endian
+        name = _NUMPY_NAMES[little.str]
+    _require_little_endian()
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # only the view's elements, never the whole base
+    flat = array.reshape(-1).view(np.uint8)
+    return {"dtype": name, "shape": list(array.shape)}, memoryview(flat), flat
+
+
+def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, Any]:
+    """``(description, bytes view, owner)`` of a torch tensor (moved to the CPU if elsewhere)."""
+    name = _torch_name(tensor.dtype)
+    if name not in TORCH_DTYPES:
+        raise EncodeError(
+            f"torch dtype {tensor.dtype} is not supported; supported: {', '.join(TORCH_DTYPES)}"
+        )
+    if tensor.layout != torch.strided:
+        raise EncodeError(f"only dense tensors are sent, not layout {tensor.layout}")
+    _require_little_endian()
+    try:
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        if tensor.is_conj() or tensor.is_neg():
+            tensor = tensor.resolve_conj().resolve_neg()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()  # only the view's elements, never the whole storage
+    except (RuntimeError, NotImplementedError) as exc:
+        raise EncodeError(f"cannot read the tensor's data: {exc}") from None
+    nbytes = tensor.numel() * tensor.element_size()
+    description = {"dtype": name, "shape": list(tensor.shape)}
+    if nbytes == 0:
+        return description, memoryview(b""), None
+    import ctypes
+
+    raw = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    # The ctypes array does not own the memory: the tensor is returned as the owner to keep.
+    return description, memoryview(raw).cast("B"), tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _torch_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_shape(shape: Any, max_ndim: int) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > max_ndim:
+        raise ProtocolError(f"bad array shape {shape!r}")
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise ProtocolError(f"bad array dimension {dim!r} in shape {shape!r}")
+    return tuple(shape)
+
+
+def _import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ImportError(f"an array arrived but {name} is not installed on this side") from None
+
+
+def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
+    """A numpy array wrapping ``buffer`` (no copy), checked against its description."""
+    if not isinstance(description, dict):
+        raise ProtocolError("bad ndarray description")
+    wire = NUMPY_DTYPES.get(description.get("dtype"))  # type: ignore[arg-type]
+    if wire is None:
+        raise ProtocolError(f"unsupported numpy dtype {description.get('dtype')!r}")
+    shape = _check_shape(description.get("shape"), max_ndim)
+    np = _import("numpy")
+    dtype = np.dtype(wire)
+    count = math.prod(shape)
+    if count * dtype.itemsize != buffer.nbytes:
+        raise ProtocolError(
+            f"array of shape {shape} and dtype {description['dtype']} needs "
+            f"{count * dtype.itemsize} bytes, its buffer has {buffer.nbytes}"
+        )
+    if count == 0:
+        return np.empty(shape, dtype)
+    array = np.frombuffer(buffer, dtype=dtype, count=count)
+    return array if len(shape) == 1 else array.reshape(shape)
+
+
+def decode_torch(description: Any, buffer: memoryview, max_ndim: int) -> Any:
+    """A CPU torch tensor wrapping ``buffer`` (no copy), checked against its description."""
+    if not isinstance(description, dict):
+        raise ProtocolError("bad tensor description")
+    name = description.get("dtype")
+    if name not in TORCH_DTYPES:
+        raise ProtocolError(f"unsupported torch dtype {name!r}")
+    shape = _check_shape(description.get("shape"), max_ndim)
+    torch = _import("torch")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ProtocolError(f"torch dtype {name!r} does not exist in this torch version")
+    count = math.prod(shape)
+    itemsize = dtype.itemsize
+    if count * itemsize != buffer.nbytes:
+        raise ProtocolError(
+            f"tensor of shape {shape} and dtype {name} needs {count * itemsize} bytes, "
+            f"its buffer has {buffer.nbytes}"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(buffer, dtype=dtype, count=count)
+    return tensor if len(shape) == 1 else tensor.reshape(shape)

@@ -1,0 +1,371 @@
+"""Framing: how one message travels over a socket.
+
+A message is::
+
+    prefix   20 bytes, little-endian: magic b"SRPC", u16 protocol version, u16 flags (0),
+             u32 header length, u64 body length
+    header   UTF-8 JSON object; its "buffers" entry lists the byte length of each raw buffer
+    body     the raw buffers, each starting at a multiple of 64 bytes (zero padding in between)
+
+Both lengths are checked against :class:`Limits` before anything is allocated. Sending gathers the
+prefix, header and every buffer in one ``sendmsg`` (no concatenation copies); receiving reads
+through a small staging buffer (one syscall for a small message) and receives the bulk of a large
+body straight into the buffer the decoded arrays will wrap.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import select
+import socket
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EncodeError, ProtocolError, RPCConnectionError, RPCTimeoutError
+from .limits import Limits
+
+MAGIC = b"SRPC"
+PROTOCOL_VERSION = 1
+PREFIX = struct.Struct("<4sHHIQ")
+ALIGN = 64
+
+_STAGING_BYTES = 256 * 1024
+_SMALL_MESSAGE = 64 * 1024  # below this, the parts are joined and sent with one call
+_MMAP_BODY = 1 << 20  # bodies from this size on get fresh zero pages instead of a memset buffer
+_SPARE_MAX = 1 << 30  # a channel keeps its last large body buffer (up to this size) for reuse
+
+# Stateless helpers made once: the C JSON encoder without the per-call set-up of json.dumps.
+_to_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_from_json = json.JSONDecoder().raw_decode
+_IOV_MAX = 512
+_ZEROS = bytes(ALIGN)
+_CLOSED_MID_MESSAGE = "the peer closed the connection in the middle of a message"
+
+
+@dataclass
+class Frame:
+    """One received message: its decoded JSON header and its raw buffers (views on one body)."""
+
+    header: dict[str, Any]
+    buffers: list[memoryview]
+
+
+@dataclass
+class Packed:
+    """A message ready to send: prefix and header in ``head``, then the body ``parts``."""
+
+    head: bytes
+    parts: list[Any]
+    size: int
+    owners: Any = None
+
+
+def pack(header: dict[str, Any], buffers: Sequence[Any] = (), owners: Any = None) -> Packed:
+    """Lay out one message: ``header`` (a JSON-able dict) and the raw ``buffers`` after it.
+
+    The buffers are referenced, not copied; ``owners`` (the objects whose memory they view) are
+    kept with the message until it is sent. Raises :class:`EncodeError` if the header cannot be
+    written as JSON.
+    """
+    views = [_as_bytes_view(b) for b in buffers]
+    header["buffers"] = sizes = [v.nbytes for v in views]
+    try:
+        header_bytes = _to_json(header).encode()
+    except ValueError as exc:  # e.g. an int too long to print
+        raise EncodeError(f"cannot encode the message header: {exc}") from None
+    offsets, body_len = _buffer_offsets(sizes)
+    parts: list[Any] = []
+    end = 0
+    for view, offset in zip(views, offsets, strict=True):
+        if view.nbytes:
+            if offset > end:
+                parts.append(_ZEROS[: offset - end])
+            parts.append(view)
+            end = offset + view.nbytes
+    head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), body_len) + header_bytes
+    return Packed(head, parts, len(head) + body_len, owners)
+
+
+def _allocate_body(nbytes: int) -> bytearray | mmap.mmap:
+    # A large bytearray is memset to zero by CPython before we overwrite it; an anonymous map
+    # comes as untouched zero pages, so receiving into it is the only pass over the memory.
+    if nbytes >= _MMAP_BODY:
+        return mmap.mmap(-1, nbytes)
+    return bytearray(nbytes)
+
+
+def _buffer_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """The start of each buffer in the body and the body's total length."""
+    offsets = []
+    end = 0
+    for size in sizes:
+        if size:  # empty buffers take no room and need no padding
+            end += -end % ALIGN
+        offsets.append(end)
+        end += size
+    return offsets, end
+
+
+def _as_bytes_view(buffer: Any) -> memoryview:
+    view = memoryview(buffer)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class Channel:
+    """A connected socket that sends and receives whole messages.
+
+    Not thread-safe: one thread uses a channel at a time (the client hands each call its own
+    channel; the server gives each connection its own thread).
+    """
+
+    def __init__(self, sock: socket.socket, limits: Limits) -> None:
+        self.sock = sock
+        self.limits = limits
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._staging = bytearray(_STAGING_BYTES)
+        self._staging_view = memoryview(self._staging)
+        self._start = 0
+        self._end = 0
+        self._timeout: float | None = sock.gettimeout()
+        self._spare: Any = None
+
+    # ---- timeouts -------------------------------------------------------------------------
+
+    def _arm(self, deadline: float | None) -> None:
+        if deadline is None:
+            timeout = None
+        else:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise RPCTimeoutError("timed out")
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+
+    # ---- sending --------------------------------------------------------------------------
+
+    def send(self, message: Packed, deadline: float | None = None) -> None:
+        """Send one packed message (see :func:`pack`)."""
+        self._arm(deadline)
+        try:
+            if message.size <= _SMALL_MESSAGE or not message.parts:
+                self.sock.sendall(b"".join([message.head, *message.parts]))
+            elif self._tls:
+                self.sock.sendall(message.head)
+                for part in message.parts:
+                    self.sock.sendall(part)
+            else:
+                _sendmsg_all(self.sock, [memoryview(message.head), *message.parts])
+        except TimeoutError:
+            raise RPCTimeoutError("timed out while sending") from None
+
+    # ---- receiving ------------------------------------------------------------------------
+
+    def _recv_into(self, view: memoryview, deadline: float | None) -> int:
+        self._arm(deadline)
+        try:
+            return self.sock.recv_into(view)
+        except TimeoutError:
+            raise RPCTimeoutError("timed out while waiting for the peer") from None
+
+    def _fill(self, need: int, deadline: float | None, at_boundary: bool = False) -> bool:
+        """Make ``need`` bytes available in the staging buffer; False on a clean end of stream."""
+        while self._end - self._start < need:
+            if _STAGING_BYTES - self._start < need:
+                kept = self._end - self._start
+                self._staging[:kept] = self._staging[self._start : self._end]
+                self._start, self._end = 0, kept
+            n = self._recv_into(self._staging_view[self._end :], deadline)
+            if n == 0:
+                if at_boundary and self._end == self._start:
+                    return False
+                raise RPCConnectionError(_CLOSED_MID_MESSAGE)
+            self._end += n
+        return True
+
+    def _read_exact(self, nbytes: int, deadline: float | None, into: Any) -> None:
+        """Fill the writable ``into`` (``nbytes`` long): staged bytes first, then the socket."""
+        target = memoryview(into)
+        staged = min(self._end - self._start, nbytes)
+        if staged:
+            target[:staged] = self._staging_view[self._start : self._start + staged]
+            self._start += staged
+        got = staged
+        while got < nbytes:
+            n = self._recv_into(target[got:nbytes], deadline)
+            if n == 0:
+                raise RPCConnectionError(_CLOSED_MID_MESSAGE)
+            got += n
+        target.release()
+
+    def receive(self, deadline: float | None = None, limits: Limits | None = None) -> Frame | None:
+        """Receive one message; ``None`` when the peer closed the connection between messages.
+
+        Raises:
+            ProtocolError: the message breaks the format or a limit (checked before allocating).
+            RPCConnectionError: the stream ended in the middle of a message.
+            RPCTimeoutError: the deadline passed.
+        """
+        limits = limits or self.limits
+        if not self._fill(PREFIX.size, deadline, at_boundary=True):
+            return None
+        magic, version, flags, header_len, body_len = PREFIX.unpack_from(self._staging, self._start)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {magic!r}: the peer does not speak socket_rpc")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+            )
+        if flags != 0:
+            raise ProtocolError(f"unknown flags {flags:#x} in the message prefix")
+        if header_len > limits.max_header_bytes:
+            raise ProtocolError(
+                f"header of {header_len} bytes is over the limit of {limits.max_header_bytes}"
+            )
+        if body_len > limits.max_body_bytes:
+            raise ProtocolError(
+                f"body of {body_len} bytes is over the limit of {limits.max_body_bytes}"
+            )
+        self._start += PREFIX.size
+        header = self._read_header(header_len, deadline)
+        sizes = _check_buffer_sizes(header, limits)
+        offsets, expected = _buffer_offsets(sizes)
+        if expected != body_len:
+            raise ProtocolError(
+                f"the header's buffers need a body of {expected} bytes, the prefix says {body_len}"
+            )
+        if body_len == 0:
+            return Frame(header, [memoryview(b"")] * len(sizes))
+        if self._end - self._start >= body_len:
+            body: Any = self._staging[self._start : self._start + body_len]
+            self._start += body_len
+        else:
+            body = self._body_buffer(body_len)
+            self._read_exact(body_len, deadline, body)
+        whole = memoryview(body)
+        return Frame(header, [whole[o : o + s] for o, s in zip(offsets, sizes, strict=True)])
+
+    def _body_buffer(self, nbytes: int) -> Any:
+        """A buffer for a large body: the spare one if nothing references it any more, else new.
+
+        Received arrays wrap the body buffer, so it can only be reused once every array made
+        from it is gone: the reference count says so (the spare slot and the call's argument are
+        the only references then). Reusing it saves allocating and page-faulting the memory anew
+        on every large message.
+        """
+        spare = self._spare
+        if spare is not None and len(spare) >= nbytes and sys.getrefcount(spare) <= 3:
+            return memoryview(spare)[:nbytes]
+        self._spare = None
+        del spare
+        body = _allocate_body(nbytes)
+        if nbytes <= _SPARE_MAX:
+            self._spare = body
+        return body
+
+    def _read_header(self, header_len: int, deadline: float | None) -> dict[str, Any]:
+        if header_len <= _STAGING_BYTES:
+            self._fill(header_len, deadline)
+            raw: Any = self._staging_view[self._start : self._start + header_len]
+            self._start += header_len
+        else:
+            raw = bytearray(header_len)
+            self._read_exact(header_len, deadline, raw)
+        try:
+            text = bytes(raw).decode()
+            header, end = _from_json(text)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
+        if end != len(text):
+            raise ProtocolError("the message header has bytes after its JSON object")
+        if not isinstance(header, dict):
+            raise ProtocolError("the message header must be a JSON object")
+        return header
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def is_idle_and_open(self) -> bool:
+        """True if nothing has arrived since the last reply and the peer has not hung up.
+
+        An idle connection must have nothing to read; anything readable is either the end of the
+        stream (the server went away) or bytes that should not be there. Both make it unusable.
+        """
+        if self._end != self._start or (self._tls and self.sock.pending()):
+            return False
+        if not _readable_now(self.sock):
+            return True
+        if not self._tls:
+            return False
+        # TLS 1.3 sends session tickets after the handshake: readable, but no application data.
+        previous = self.sock.gettimeout()
+        try:
+            self.sock.settimeout(0)
+            data = self.sock.recv(1)
+        except ssl.SSLWantReadError:
+            return True
+        except OSError:
+            return False
+        finally:
+            try:
+                self.sock.settimeout(previous)
+            except OSError:
+                pass
+        if data:
+            self._staging[0:1] = data
+            self._start, self._end = 0, 1
+        return False
+
+    def close(self) -> None:
+        """Close the socket; safe to call more than once."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read (data or end of stream) right now."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _check_buffer_sizes(header: dict[str, Any], limits: Limits) -> list[int]:
+    sizes = header.get("buffers", [])
+    if not isinstance(sizes, list):
+        raise ProtocolError("the header's 'buffers' must be a list of byte lengths")
+    if len(sizes) > limits.max_buffers:
+        raise ProtocolError(f"{len(sizes)} buffers is over the limit of {limits.max_buffers}")
+    for size in sizes:
+        if type(size) is not int or size < 0:
+            raise ProtocolError(f"bad buffer length {size!r} in the header")
+    return sizes
+
+
+def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
+    """``sendall`` of a list of buffers through ``sendmsg``: no copy, few syscalls."""
+    views = [p if isinstance(p, memoryview) else memoryview(p) for p in parts]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        while sent:
+            size = views[i].nbytes
+            if sent >= size:
+                sent -= size
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0

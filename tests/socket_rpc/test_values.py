@@ -1,0 +1,227 @@
+"""Round trips of every supported value, bit-exact; refusal of everything else at the sender."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from socket_rpc import Client, EncodeError, RemoteError
+from socket_rpc.arrays import NUMPY_DTYPES, TORCH_DTYPES
+from socket_rpc.codec import Encoder
+from socket_rpc.wire import pack
+
+from .conftest import Calls
+
+
+def _torch_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
+
+
+def _random_torch(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    n = math.prod(shape) * dtype.itemsize
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
+
+
+def _random_numpy(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    dtype = np.dtype(NUMPY_DTYPES[name])
+    if name == "bool":
+        return rng.integers(0, 2, shape).astype(bool)
+    n = math.prod(shape) * dtype.itemsize
+    return rng.integers(0, 256, n, dtype=np.uint8).view(dtype).reshape(shape)
+
+
+PLAIN_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -7,
+    2**200,
+    -(2**64) - 1,
+    0.1,
+    -0.0,
+    float("inf"),
+    float("-inf"),
+    1e-310,
+    "",
+    "héllo ☃ \x00 \ud800",
+    b"",
+    b"\x00\xffbytes",
+    [],
+    (),
+    {},
+    [1, [2, [3, (4, {"k": [None]})]]],
+    (1, "a", b"b", [2.5], ()),
+    {"tuple": [1, 2], "dict": {"bytes": 3}, "ndarray": None, "": {}},
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=repr)
+def test_plain_values_round_trip_with_their_types(client: Client, value: object) -> None:
+    back = client.echo(value)
+    assert back == value
+    assert repr(back) == repr(value)  # same types all the way down (tuple stays tuple, ...)
+
+
+def test_nan_round_trips(client: Client) -> None:
+    assert math.isnan(client.echo(float("nan")))
+
+
+def test_args_and_kwargs_arrive_as_sent(client: Client) -> None:
+    expected = ([1, (2,)], {"key": b"v", "other": [None]})
+    assert client.echo(1, (2,), key=b"v", other=[None]) == expected
+
+
+def test_subclasses_of_plain_types_are_sent_as_the_plain_type(client: Client) -> None:
+    class Color(enum.IntEnum):
+        RED = 3
+
+    assert client.echo([Color.RED, np.float64(0.5)]) == [3, 0.5]
+    assert type(client.echo(Color.RED)) is int
+
+
+@pytest.mark.parametrize("name", NUMPY_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5), (), (0,), (2, 0, 3), (1, 1, 1, 7)])
+def test_numpy_arrays_of_every_dtype_round_trip_bit_exact(
+    client: Client, name: str, shape: tuple[int, ...]
+) -> None:
+    x = _random_numpy(name, shape)
+    y = client.echo(x)
+    assert type(y) is np.ndarray
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.tobytes() == x.tobytes()
+
+
+AVAILABLE_TORCH_DTYPES = [
+    n for n in TORCH_DTYPES if isinstance(getattr(torch, n, None), torch.dtype)
+]
+
+
+@pytest.mark.parametrize("name", AVAILABLE_TORCH_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5), (), (0,), (2, 0, 3)])
+def test_torch_tensors_of_every_dtype_round_trip_bit_exact(
+    client: Client, name: str, shape: tuple[int, ...]
+) -> None:
+    x = _random_torch(getattr(torch, name), shape)
+    y = client.echo(x)
+    assert isinstance(y, torch.Tensor)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.device.type == "cpu"
+    assert _torch_bytes(y) == _torch_bytes(x)
+
+
+def test_bfloat16_values_survive(client: Client) -> None:
+    x = torch.tensor([1.0, -2.5, 3.140625, float("inf")], dtype=torch.bfloat16)
+    y = client.echo(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, x)
+
+
+def test_non_contiguous_views_send_only_their_own_bytes(client: Client) -> None:
+    base = _random_numpy("float32", (64, 64))
+    view = base[::4, 1::8]
+    assert not view.flags.c_contiguous
+    assert np.array_equal(client.echo(view), view)
+    tbase = _random_torch(torch.bfloat16, (64, 64))
+    tview = tbase.t()[3:9, ::5]
+    assert not tview.is_contiguous()
+    assert _torch_bytes(client.echo(tview)) == _torch_bytes(tview)
+
+    for value, whole in ((view, base.nbytes), (tview, tbase.numel() * 2)):
+        encoder = Encoder()
+        tree = encoder.encode(value)
+        message = pack({"value": tree}, encoder.buffers)
+        assert (
+            sum(b.nbytes for b in encoder.buffers) == value.nbytes
+            if isinstance(value, np.ndarray)
+            else value.numel() * 2
+        )
+        assert message.size < whole // 4  # the base's storage never travels
+
+
+def test_torch_views_with_storage_offset_grad_conj_and_neg(client: Client) -> None:
+    t = torch.arange(20, dtype=torch.float32)[5:9]
+    assert torch.equal(client.echo(t), t)
+    p = torch.nn.Parameter(torch.ones(3))
+    assert torch.equal(client.echo(p), torch.ones(3))
+    c = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj()
+    assert torch.equal(client.echo(c), c.resolve_conj())
+    n = torch.tensor([1 + 2j], dtype=torch.complex64).conj().imag
+    assert torch.equal(client.echo(n), torch.tensor([-2.0]))
+
+
+def test_big_endian_numpy_arrays_arrive_with_the_same_values(client: Client) -> None:
+    x = np.arange(6, dtype=">i4").reshape(2, 3)
+    y = client.echo(x)
+    assert y.dtype == np.dtype("<i4")
+    assert np.array_equal(y, x)
+
+
+def test_received_arrays_wrap_the_received_buffer_and_are_writable(client: Client) -> None:
+    y = client.echo(np.arange(100_000, dtype=np.float64))
+    assert not y.flags.owndata  # a view on the received body, not a copy
+    y[0] = 42.0
+    t = client.echo(torch.arange(100_000, dtype=torch.float64))
+    t[0] = 42.0
+    assert t[0] == 42.0
+
+
+def test_kept_results_are_never_overwritten_by_later_replies(client: Client) -> None:
+    # Large bodies reuse a buffer once nothing references it: results still held must not change.
+    first = client.echo(np.full(1 << 20, 1, dtype=np.uint8))
+    second = client.echo(np.full(1 << 20, 2, dtype=np.uint8))
+    third_t = client.echo(torch.full((1 << 20,), 3, dtype=torch.uint8))
+    del second
+    fourth = client.echo(np.full(1 << 20, 4, dtype=np.uint8))
+    assert (first == 1).all() and bool((third_t == 3).all()) and (fourth == 4).all()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        object(),
+        {1: "int key"},
+        {1.5},
+        frozenset(),
+        bytearray(b"x"),
+        1 + 2j,
+        np.float32(1.0),
+        np.ma.masked_array([1, 2], mask=[0, 1]),
+        np.array(["text"]),
+        np.zeros(2, dtype=[("a", "<i4")]),
+        torch.zeros(2).to_sparse(),
+        [1, [2, {"deep": object()}]],
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_unsupported_values_are_refused_at_the_sender(
+    client: Client, calls: Calls, value: object
+) -> None:
+    with pytest.raises(EncodeError):
+        client.echo(value)
+    assert calls.count == 0
+    assert client.echo(1) == 1  # the connection is still fine
+
+
+def test_an_unsendable_return_value_is_a_remote_error(client: Client) -> None:
+    with pytest.raises(RemoteError) as info:
+        client.unsendable()
+    assert info.value.type_name == "EncodeError"
+    assert "object" in info.value.remote_message
+
+
+def test_nesting_deeper_than_the_limit_is_refused(client: Client) -> None:
+    value: list = []
+    for _ in range(100):
+        value = [value]
+    with pytest.raises(EncodeError):
+        client.echo(value)
