@@ -5,8 +5,9 @@ layer) and of ``transformers``' ``FalconDecoderLayer`` with its ``DynamicCache``
 bytes per token each keeps. Both share the same random float32 weights (assigned, not copied), so
 peak memory is one layer's weights plus caches (~2.8 GiB for the 40B layer).
 
-Runs are interleaved (the order alternates every repeat) and the medians are reported, because
-the machine is small and shared. Usage: ``python bench/falcon_layer.py [--repeats 5] [--tokens 8]``.
+Both decode the same tokens after the same prompt, interleaved token by token (the order
+alternating), and the median and minimum per-token times are reported, because the machine is
+small and shared. Usage: ``python bench/falcon_layer.py [--tokens 40] [--prompt 128]``.
 """
 
 from __future__ import annotations
@@ -54,31 +55,30 @@ def build(shape: dict, dtype: torch.dtype):
     return hf_layer.eval(), part.eval(), rotary, hf_config
 
 
-def run_hf(layer, rotary, config, prompt: torch.Tensor, steps: torch.Tensor):
-    """Prefill then decode one token at a time; returns (seconds per token, cache, last out)."""
+def hf_stepper(layer, rotary, config):
+    """A closure running transformers' layer on the next positions with its DynamicCache."""
     cache = DynamicCache(config=config)
 
-    def forward(x: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        start = cache.get_seq_length()
         positions = torch.arange(start, start + x.shape[1])[None]
         emb = rotary(x, positions)
         return layer(x, alibi=None, attention_mask=None, position_ids=positions,
                      layer_past=cache, use_cache=True, position_embeddings=emb)[0]  # fmt: skip
 
-    forward(prompt, 0)
-    began = time.perf_counter()
-    for i in range(steps.shape[1]):
-        out = forward(steps[:, i : i + 1], prompt.shape[1] + i)
-    return (time.perf_counter() - began) / steps.shape[1], cache, out
+    return forward, cache
 
 
-def run_ours(part, prompt: torch.Tensor, steps: torch.Tensor):
+def our_stepper(part, max_len: int):
     """The same for the part with its fixed-size cache."""
-    cache = part.new_cache(1, prompt.shape[1] + steps.shape[1])
-    part(prompt, cache=cache)
+    cache = part.new_cache(1, max_len)
+    return (lambda x: part(x, cache=cache)), cache
+
+
+def timed(forward, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     began = time.perf_counter()
-    for i in range(steps.shape[1]):
-        out = part(steps[:, i : i + 1], cache=cache)
-    return (time.perf_counter() - began) / steps.shape[1], cache, out
+    out = forward(x)
+    return time.perf_counter() - began, out
 
 
 def hf_bytes_per_token(cache: DynamicCache) -> int:
@@ -87,7 +87,7 @@ def hf_bytes_per_token(cache: DynamicCache) -> int:
     return (layer.keys.nbytes + layer.values.nbytes) // layer.keys.shape[-2]
 
 
-def bench(name: str, shape: dict, repeats: int, tokens: int, prompt_len: int) -> None:
+def bench(name: str, shape: dict, tokens: int, prompt_len: int) -> None:
     dtype = torch.float32
     hf_layer, part, rotary, hf_config = build(shape, dtype)
     config = part.config
@@ -96,21 +96,25 @@ def bench(name: str, shape: dict, repeats: int, tokens: int, prompt_len: int) ->
     steps = torch.randn(1, tokens, config.hidden_size, generator=generator, dtype=dtype)
     hf_times, our_times = [], []
     with torch.inference_mode():
-        for repeat in range(repeats):
-            order = ("hf", "ours") if repeat % 2 == 0 else ("ours", "hf")
-            for which in order:
-                if which == "hf":
-                    seconds, hf_cache, hf_out = run_hf(hf_layer, rotary, hf_config, prompt, steps)
-                    hf_times.append(seconds)
-                else:
-                    seconds, our_cache, our_out = run_ours(part, prompt, steps)
-                    our_times.append(seconds)
+        hf_forward, hf_cache = hf_stepper(hf_layer, rotary, hf_config)
+        our_forward, our_cache = our_stepper(part, prompt_len + tokens)
+        hf_forward(prompt), our_forward(prompt)  # prefill, not timed
+        for i in range(tokens):  # decode, one token each in turn, order alternating
+            x = steps[:, i : i + 1]
+            if i % 2:
+                (our_s, our_out), (hf_s, hf_out) = timed(our_forward, x), timed(hf_forward, x)
+            else:
+                (hf_s, hf_out), (our_s, our_out) = timed(hf_forward, x), timed(our_forward, x)
+            hf_times.append(hf_s)
+            our_times.append(our_s)
     hf_ms, our_ms = statistics.median(hf_times) * 1e3, statistics.median(our_times) * 1e3
+    hf_min, our_min = min(hf_times) * 1e3, min(our_times) * 1e3
     hf_kv, our_kv = hf_bytes_per_token(hf_cache), our_cache.bytes_per_token()
     formula = config.kv_bytes_per_token(dtype.itemsize, num_layers=1)
     diff = (hf_out - our_out).abs().max().item()
-    print(f"{name:<11} float32 decode ms/token  transformers {hf_ms:8.1f}   "
-          f"llm_falcon_model {our_ms:8.1f}   speedup x{hf_ms / our_ms:5.2f}")  # fmt: skip
+    print(f"{name:<11} float32 decode ms/token  transformers {hf_ms:6.1f} ({hf_min:5.1f})   "
+          f"llm_falcon_model {our_ms:6.1f} ({our_min:5.1f})   "
+          f"speedup x{hf_ms / our_ms:4.2f} (x{hf_min / our_min:4.2f})")  # fmt: skip
     print(f"{'':<11} KV bytes/token/layer     transformers {hf_kv:8d}   "
           f"llm_falcon_model {our_kv:8d}   (2 x 1 x {config.num_kv_heads} kv heads x "
           f"{config.head_dim} x 4 = {formula}; "
@@ -121,17 +125,16 @@ def bench(name: str, shape: dict, repeats: int, tokens: int, prompt_len: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per side")
-    parser.add_argument("--tokens", type=int, default=8, help="decode steps timed per run")
+    parser.add_argument("--tokens", type=int, default=40, help="decode steps timed per side")
     parser.add_argument("--prompt", type=int, default=128, help="prefilled tokens before decoding")
     parser.add_argument("--only", choices=list(SHAPES), help="run one shape")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.repeats} interleaved runs x {args.tokens} "
-          f"decode steps after a {args.prompt}-token prompt, medians")  # fmt: skip
+          f"{torch.get_num_threads()} threads; {args.tokens} decode steps per side, interleaved "
+          f"token by token, after a {args.prompt}-token prompt; median (min) ms/token")  # fmt: skip
     for name, shape in SHAPES.items():
         if args.only in (None, name):
-            bench(name, shape, args.repeats, args.tokens, args.prompt)
+            bench(name, shape, args.tokens, args.prompt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak resident memory {peak:.2f} GiB")
 

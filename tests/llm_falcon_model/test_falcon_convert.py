@@ -119,3 +119,14 @@ def test_a_part_reads_only_its_own_files(kit, tmp_path):
             want = layer(want, alibi=None, attention_mask=None, position_ids=positions,
                          position_embeddings=emb)[0]  # fmt: skip
     torch.testing.assert_close(middle(hidden), want, atol=ATOL, rtol=0)
+
+
+def test_whole_part_with_tied_embeddings_keeps_one_copy(kit, tmp_path):
+    model = kit.hf_falcon("falcon-7b")
+    convert(model.state_dict(), tmp_path, config=model.config.to_dict())
+    whole = load_part(tmp_path, "f")
+    assert whole.lm_head.weight is whole.word_embeddings.weight
+    untied = kit.hf_falcon("sequential-mha-bias")
+    convert(untied.state_dict(), tmp_path / "untied", config=untied.config.to_dict())
+    whole = load_part(tmp_path / "untied", "f")
+    assert whole.lm_head.weight is not whole.word_embeddings.weight

@@ -82,7 +82,8 @@ def part_from_state_dict(
     """A part whose parameters *are* the given tensors (no copy).
 
     Keys are part-relative: ``word_embeddings.weight``, ``layers.<slot>.*`` from slot 0,
-    ``ln_f.*``, ``lm_head.weight``; every key the part needs must be there, and no other.
+    ``ln_f.*``, ``lm_head.weight``; every key the part needs must be there, and no other. With
+    tied embeddings a part holding begin and end uses the embedding as its head.
     """
     part = FalconPart(config, spec, device="meta")
     try:
@@ -94,6 +95,8 @@ def part_from_state_dict(
             f"weights do not match part {part.spec}: missing {missing[:6]}, "
             f"unexpected {unexpected[:6]}"
         )
+    if config.tie_word_embeddings and part.spec.begin and part.spec.end:
+        part.lm_head.weight = part.word_embeddings.weight  # one copy in memory, as trained
     return part.requires_grad_(False).eval()
 
 
