@@ -111,7 +111,7 @@ def test_part_from_state_dict_checks_keys_and_shapes(config, whole):
 
     state = dict(whole.state_dict())
     shared = part_from_state_dict(config, "f", state)
-    assert shared.lm_head.weight.data_ptr() == state["lm_head.weight"].data_ptr()  # no copy
+    assert shared.ln_f.weight.data_ptr() == state["ln_f.weight"].data_ptr()  # no copy
     with pytest.raises(FalconModelError, match="missing"):
         part_from_state_dict(config, "f", {k: v for k, v in state.items() if k != "ln_f.bias"})
     with pytest.raises(FalconModelError, match="unexpected"):
