@@ -250,6 +250,8 @@ def _call_with_tree(args: object, buffers: list[int] | None = None, body: bytes 
         ),
         _call_with_tree([{"tensor": {"dtype": "__class__", "shape": [1], "buffer": 0}}], [1], b"x"),
         _call_with_tree({"dict": {}}),
+        _call_with_tree([{"ndarray": {"dtype": "float32", "shape": [0, 2**61], "buffer": 0}}], [0]),
+        _call_with_tree([{"tensor": {"dtype": "int8", "shape": [0, 2**70], "buffer": 0}}], [0]),
     ],
 )
 def test_lying_value_trees_are_protocol_errors(

@@ -102,13 +102,13 @@ def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, A
         raise EncodeError(
             f"torch dtype {tensor.dtype} is not supported; supported: {', '.join(TORCH_DTYPES)}"
         )
-    if tensor.layout != torch.strided:
+    if tensor.layout is not torch.strided:
         raise EncodeError(f"only dense tensors are sent, not layout {tensor.layout}")
     _require_little_endian()
     try:
         if tensor.requires_grad:
             tensor = tensor.detach()
-        if tensor.device.type != "cpu":
+        if not tensor.is_cpu:
             tensor = tensor.cpu()
         if tensor.is_conj() or tensor.is_neg():
             tensor = tensor.resolve_conj().resolve_neg()
@@ -136,12 +136,15 @@ def _check_shape(shape: Any, max_ndim: int) -> tuple[int, ...]:
     if not isinstance(shape, list) or len(shape) > max_ndim:
         raise ProtocolError(f"bad array shape {shape!r}")
     for dim in shape:
-        if type(dim) is not int or dim < 0:
+        if type(dim) is not int or not 0 <= dim < 1 << 62:
             raise ProtocolError(f"bad array dimension {dim!r} in shape {shape!r}")
     return tuple(shape)
 
 
 def _import(name: str) -> Any:
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
     try:
         return importlib.import_module(name)
     except ImportError:

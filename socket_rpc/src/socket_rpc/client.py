@@ -137,7 +137,7 @@ class Client:
             "id": next(self._ids),
             "function": name,
             "args": [encoder.encode(a) for a in args],
-            "kwargs": encoder.encode(kwargs),
+            "kwargs": encoder.encode(kwargs) if kwargs else {"dict": {}},
         }
         message = pack(header, encoder.buffers, encoder.owners)
         channel = self._acquire()

@@ -58,26 +58,17 @@ class Encoder:
         return str(key)
 
     def _encode_other(self, value: Any, depth: int) -> Any:
-        # Subclasses of the plain types are sent as the plain type (an IntEnum as its int).
-        if isinstance(value, bool):
-            return bool(value)
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, str):
-            return str(value)
-        if isinstance(value, (list, tuple, dict, bytes)):
-            plain = {list: list, tuple: tuple, dict: dict, bytes: bytes}
-            for base, make in plain.items():
-                if isinstance(value, base):
-                    return self.encode(make(value), depth)
+        # numpy and torch can only be in use if they are imported already: never import here.
         np = sys.modules.get("numpy")
         if np is not None and isinstance(value, np.ndarray):
             return {"ndarray": self._array(*arrays.encode_numpy(np, value))}
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(value, torch.Tensor):
             return {"tensor": self._array(*arrays.encode_torch(torch, value))}
+        # Subclasses of the plain types are sent as the plain type (an IntEnum as its int).
+        for base in (bool, int, float, str, bytes, list, tuple, dict):
+            if isinstance(value, base):
+                return self.encode(base(value), depth)
         raise EncodeError(
             f"cannot send a value of type {type(value).__module__}.{type(value).__qualname__}: "
             "socket_rpc sends None, bool, int, float, str, bytes, list, tuple, dict with str "
@@ -117,10 +108,13 @@ class Decoder:
             return {k: self.decode(v, depth + 1) for k, v in body.items()}
         if tag == "bytes":
             return bytes(self._take(body))
-        if tag == "ndarray" and type(body) is dict:
-            return arrays.decode_numpy(body, self._take(body.get("buffer")), self._limits.max_ndim)
-        if tag == "tensor" and type(body) is dict:
-            return arrays.decode_torch(body, self._take(body.get("buffer")), self._limits.max_ndim)
+        if tag in ("ndarray", "tensor") and type(body) is dict:
+            decode = arrays.decode_numpy if tag == "ndarray" else arrays.decode_torch
+            buffer = self._take(body.get("buffer"))
+            try:
+                return decode(body, buffer, self._limits.max_ndim)
+            except (ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as exc:
+                raise ProtocolError(f"cannot build the {tag} {_short(body)}: {exc}") from None
         raise ProtocolError(f"malformed value in the message: {_short(tree)}")
 
     def _take(self, index: Any) -> memoryview:

@@ -288,6 +288,8 @@ class Server:
                 )
         except (OSError, SocketRPCError, ssl.SSLError) as exc:
             logger.debug("connection from %s ended: %s", peer, exc)
+        except Exception:  # a bug must cost this connection only, never the server
+            logger.exception("closing the connection from %s after an unexpected error", peer)
         finally:
             if channel is not None:
                 channel.close()
@@ -312,7 +314,8 @@ class Server:
         decoder = Decoder(frame.buffers, self._limits)
         try:
             args = decoder.decode(header.get("args", []))
-            kwargs = decoder.decode(header.get("kwargs", {"dict": {}}))
+            kwargs_tree = header.get("kwargs")
+            kwargs = {} if kwargs_tree == {"dict": {}} else decoder.decode(kwargs_tree)
         except ImportError as exc:  # e.g. a tensor arrived and torch is not installed here
             return self._error(call_id, "ImportError", str(exc), "")
         if not isinstance(args, list) or not isinstance(kwargs, dict):

@@ -40,8 +40,33 @@ _SMALL_MESSAGE = 64 * 1024  # below this, the parts are joined and sent with one
 _MMAP_BODY = 1 << 20  # bodies from this size on get fresh zero pages instead of a memset buffer
 _SPARE_MAX = 1 << 30  # a channel keeps its last large body buffer (up to this size) for reuse
 
+
+def _json_encoder() -> Any:
+    """A compact JSON encoder; the C one made once when available (json.dumps remakes it)."""
+    plain = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return plain.encode
+    c_encode = make(
+        None,
+        plain.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
+    )
+
+    def encode(obj: Any) -> str:
+        return "".join(c_encode(obj, 0))
+
+    return encode
+
+
 # Stateless helpers made once: the C JSON encoder without the per-call set-up of json.dumps.
-_to_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_to_json = _json_encoder()
 _from_json = json.JSONDecoder().raw_decode
 _IOV_MAX = 512
 _ZEROS = bytes(ALIGN)
@@ -79,6 +104,9 @@ def pack(header: dict[str, Any], buffers: Sequence[Any] = (), owners: Any = None
         header_bytes = _to_json(header).encode()
     except ValueError as exc:  # e.g. an int too long to print
         raise EncodeError(f"cannot encode the message header: {exc}") from None
+    if not views:
+        head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), 0) + header_bytes
+        return Packed(head, [], len(head), owners)
     offsets, body_len = _buffer_offsets(sizes)
     parts: list[Any] = []
     end = 0
@@ -218,25 +246,19 @@ class Channel:
         if not self._fill(PREFIX.size, deadline, at_boundary=True):
             return None
         magic, version, flags, header_len, body_len = PREFIX.unpack_from(self._staging, self._start)
-        if magic != MAGIC:
-            raise ProtocolError(f"bad magic {magic!r}: the peer does not speak socket_rpc")
-        if version != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
-            )
-        if flags != 0:
-            raise ProtocolError(f"unknown flags {flags:#x} in the message prefix")
-        if header_len > limits.max_header_bytes:
-            raise ProtocolError(
-                f"header of {header_len} bytes is over the limit of {limits.max_header_bytes}"
-            )
-        if body_len > limits.max_body_bytes:
-            raise ProtocolError(
-                f"body of {body_len} bytes is over the limit of {limits.max_body_bytes}"
-            )
+        if (
+            magic != MAGIC
+            or version != PROTOCOL_VERSION
+            or flags
+            or header_len > limits.max_header_bytes
+            or body_len > limits.max_body_bytes
+        ):
+            _refuse_prefix(magic, version, flags, header_len, body_len, limits)
         self._start += PREFIX.size
         header = self._read_header(header_len, deadline)
-        sizes = _check_buffer_sizes(header, limits)
+        sizes = header.get("buffers")
+        if sizes != [] or body_len:
+            sizes = _check_buffer_sizes(sizes, limits)
         offsets, expected = _buffer_offsets(sizes)
         if expected != body_len:
             raise ProtocolError(
@@ -280,7 +302,7 @@ class Channel:
             raw = bytearray(header_len)
             self._read_exact(header_len, deadline, raw)
         try:
-            text = bytes(raw).decode()
+            text = str(raw, "utf-8")
             header, end = _from_json(text)
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
@@ -331,6 +353,25 @@ class Channel:
             pass
 
 
+def _refuse_prefix(
+    magic: bytes, version: int, flags: int, header_len: int, body_len: int, limits: Limits
+) -> None:
+    """Raise the :class:`ProtocolError` that says what is wrong with a message prefix."""
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}: the peer does not speak socket_rpc")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    if flags:
+        raise ProtocolError(f"unknown flags {flags:#x} in the message prefix")
+    if header_len > limits.max_header_bytes:
+        raise ProtocolError(
+            f"header of {header_len} bytes is over the limit of {limits.max_header_bytes}"
+        )
+    raise ProtocolError(f"body of {body_len} bytes is over the limit of {limits.max_body_bytes}")
+
+
 def _readable_now(sock: socket.socket) -> bool:
     """Whether ``sock`` has something to read (data or end of stream) right now."""
     try:
@@ -343,8 +384,7 @@ def _readable_now(sock: socket.socket) -> bool:
         return True
 
 
-def _check_buffer_sizes(header: dict[str, Any], limits: Limits) -> list[int]:
-    sizes = header.get("buffers", [])
+def _check_buffer_sizes(sizes: Any, limits: Limits) -> list[int]:
     if not isinstance(sizes, list):
         raise ProtocolError("the header's 'buffers' must be a list of byte lengths")
     if len(sizes) > limits.max_buffers:
