@@ -72,8 +72,10 @@ def calls() -> Calls:
 @pytest.fixture
 def server(calls: Calls) -> Iterator[Server]:
     with make_server(calls) as running:
-        yield running
-    calls.release.set()
+        try:
+            yield running
+        finally:
+            calls.release.set()  # let a call still waiting end before the server closes
 
 
 @pytest.fixture

@@ -107,6 +107,7 @@ AVAILABLE_TORCH_DTYPES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("name", AVAILABLE_TORCH_DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5), (), (0,), (2, 0, 3)])
 def test_torch_tensors_of_every_dtype_round_trip_bit_exact(

@@ -206,6 +206,8 @@ class Channel:
 
     def _fill(self, need: int, deadline: float | None, at_boundary: bool = False) -> bool:
         """Make ``need`` bytes available in the staging buffer; False on a clean end of stream."""
+        if self._start == self._end:
+            self._start = self._end = 0  # empty: read into the whole staging buffer again
         while self._end - self._start < need:
             if _STAGING_BYTES - self._start < need:
                 kept = self._end - self._start
@@ -243,7 +245,7 @@ class Channel:
             RPCTimeoutError: the deadline passed.
         """
         limits = limits or self.limits
-        if not self._fill(PREFIX.size, deadline, at_boundary=True):
+        if self._end - self._start < PREFIX.size and not self._fill(PREFIX.size, deadline, True):
             return None
         magic, version, flags, header_len, body_len = PREFIX.unpack_from(self._staging, self._start)
         if (
@@ -295,7 +297,8 @@ class Channel:
 
     def _read_header(self, header_len: int, deadline: float | None) -> dict[str, Any]:
         if header_len <= _STAGING_BYTES:
-            self._fill(header_len, deadline)
+            if self._end - self._start < header_len:
+                self._fill(header_len, deadline)
             raw: Any = self._staging_view[self._start : self._start + header_len]
             self._start += header_len
         else:
