@@ -9,12 +9,15 @@ buffers it allocated once (the limit: no headers, no allocation, no decoding). T
 the bytes both ways; times are round-trip medians.
 
 Targets (issue 4): large transfers >= 0.7x raw throughput; small calls within 2x of the raw
-ping-pong and under 150 us median.
+ping-pong and under 150 us median. A last line, for reference, times a raw socket that only
+encodes and decodes one small JSON header per message (no values, no dispatch): the floor of any
+protocol with a JSON header written in Python, which socket_rpc's wire format is.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import struct
@@ -32,6 +35,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 LENGTH = struct.Struct("<Q")
+PREFIX = struct.Struct("<4sHHIQ")
 
 
 # ---- the child process: a raw echo server and a socket_rpc server ------------------------------
@@ -67,6 +71,42 @@ def _send_all(sock: socket.socket, head: bytes, payload: memoryview) -> None:
     sock.sendall(payload)
 
 
+def _json_echo(conn: socket.socket) -> None:
+    """The floor of any JSON-header protocol in Python: one header decoded and one encoded."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray(65536)
+    try:
+        while n := conn.recv_into(buffer):
+            call = json.loads(bytes(buffer[20:n]))
+            reply = json.dumps({"kind": "result", "id": call["id"], "value": None}).encode()
+            conn.sendall(PREFIX.pack(b"SRPC", 1, 0, len(reply), 0) + reply)
+    except OSError:
+        conn.close()
+
+
+class JsonClient:
+    """A raw socket sending and receiving one small JSON header per message, nothing else."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray(65536)
+        self.id = 0
+
+    def ping(self) -> None:
+        self.id += 1
+        call = json.dumps({"kind": "call", "id": self.id, "function": "ping", "args": []}).encode()
+        self.sock.sendall(PREFIX.pack(b"SRPC", 1, 0, len(call), 0) + call)
+        n = self.sock.recv_into(self.buffer)
+        json.loads(bytes(self.buffer[20:n]))
+
+
+def _serve_raw(listener: socket.socket, handler) -> None:
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+
 def serve() -> None:
     from socket_rpc import Server
 
@@ -82,10 +122,10 @@ def serve() -> None:
         return None
 
     server.start()
-    print(raw.getsockname()[1], server.address[1], flush=True)
-    while True:
-        conn, _ = raw.accept()
-        threading.Thread(target=_raw_echo, args=(conn,), daemon=True).start()
+    json_listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_serve_raw, args=(json_listener, _json_echo), daemon=True).start()
+    print(raw.getsockname()[1], server.address[1], json_listener.getsockname()[1], flush=True)
+    _serve_raw(raw, _raw_echo)
 
 
 # ---- the parent: measurements -------------------------------------------------------------------
@@ -140,7 +180,14 @@ def large(raw: RawClient, client, mib: int, rounds: int) -> None:
     )
 
 
-def small(raw: RawClient, label: str, raw_payload: memoryview, call, rounds: int) -> None:
+def small(
+    raw: RawClient,
+    label: str,
+    raw_payload: memoryview,
+    call,
+    rounds: int,
+    target: str = "(target <= 2x and < 150 us)",
+) -> None:
     raw_t, rpc_t = [], []
     for _ in range(200):  # warm-up
         raw.round_trip(raw_payload)
@@ -152,7 +199,7 @@ def small(raw: RawClient, label: str, raw_payload: memoryview, call, rounds: int
     rpc_us = statistics.median(rpc_t) * 1e6
     print(
         f"{label:<30} raw {raw_us:7.1f} us     socket_rpc {rpc_us:7.1f} us   "
-        f"ratio {rpc_us / raw_us:4.2f}x   (target <= 2x and < 150 us)"
+        f"ratio {rpc_us / raw_us:4.2f}x   {target}"
     )
 
 
@@ -173,7 +220,7 @@ def main() -> None:
         [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
     )
     try:
-        raw_port, rpc_port = map(int, child.stdout.readline().split())
+        raw_port, rpc_port, json_port = map(int, child.stdout.readline().split())
         raw = RawClient(raw_port)
         with Client("127.0.0.1", rpc_port) as client:
             print(f"socket_rpc vs raw socket on 127.0.0.1 (python {sys.version.split()[0]})")
@@ -196,6 +243,15 @@ def main() -> None:
                 20,
             )
             small(raw, "no-argument call", memoryview(bytes(64)), client.ping, 20)
+            floor = JsonClient(json_port)
+            small(
+                raw,
+                "(reference: bare JSON ping-pong)",
+                memoryview(bytes(64)),
+                floor.ping,
+                20,
+                target="",
+            )
     finally:
         child.kill()
         child.wait()

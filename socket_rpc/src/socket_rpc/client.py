@@ -137,8 +137,9 @@ class Client:
             "id": next(self._ids),
             "function": name,
             "args": [encoder.encode(a) for a in args],
-            "kwargs": encoder.encode(kwargs) if kwargs else {"dict": {}},
         }
+        if kwargs:
+            header["kwargs"] = encoder.encode(kwargs)
         message = pack(header, encoder.buffers, encoder.owners)
         channel = self._acquire()
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -315,7 +315,7 @@ class Server:
         try:
             args = decoder.decode(header.get("args", []))
             kwargs_tree = header.get("kwargs")
-            kwargs = {} if kwargs_tree == {"dict": {}} else decoder.decode(kwargs_tree)
+            kwargs = {} if kwargs_tree is None else decoder.decode(kwargs_tree)
         except ImportError as exc:  # e.g. a tensor arrived and torch is not installed here
             return self._error(call_id, "ImportError", str(exc), "")
         if not isinstance(args, list) or not isinstance(kwargs, dict):

@@ -5,6 +5,7 @@ A message is::
     prefix   20 bytes, little-endian: magic b"SRPC", u16 protocol version, u16 flags (0),
              u32 header length, u64 body length
     header   UTF-8 JSON object; its "buffers" entry lists the byte length of each raw buffer
+             (absent when there are none)
     body     the raw buffers, each starting at a multiple of 64 bytes (zero padding in between)
 
 Both lengths are checked against :class:`Limits` before anything is allocated. Sending gathers the
@@ -99,7 +100,9 @@ def pack(header: dict[str, Any], buffers: Sequence[Any] = (), owners: Any = None
     written as JSON.
     """
     views = [_as_bytes_view(b) for b in buffers]
-    header["buffers"] = sizes = [v.nbytes for v in views]
+    sizes = [v.nbytes for v in views]
+    if sizes:
+        header["buffers"] = sizes  # absent means none
     try:
         header_bytes = _to_json(header).encode()
     except ValueError as exc:  # e.g. an int too long to print
@@ -258,7 +261,7 @@ class Channel:
             _refuse_prefix(magic, version, flags, header_len, body_len, limits)
         self._start += PREFIX.size
         header = self._read_header(header_len, deadline)
-        sizes = header.get("buffers")
+        sizes = header.get("buffers", [])
         if sizes != [] or body_len:
             sizes = _check_buffer_sizes(sizes, limits)
         offsets, expected = _buffer_offsets(sizes)
