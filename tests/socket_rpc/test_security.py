@@ -135,6 +135,8 @@ def test_tls_with_a_self_signed_certificate(certificate: tuple[Path, Path]) -> N
             Client(*server.address, token="t", connect_timeout=0.5)
         with Client(*server.address, ssl_context=client_context, token="t") as client:
             assert client.add(2, 2) == 4
+            server.close()  # shuts the TLS connection down too: its thread is gone after close
+            assert server._connections == {}
 
 
 # ---- hostile bytes ------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class Server:
         self._send_tracebacks = send_tracebacks
         self._functions: dict[str, Callable[..., Any]] = {}
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: dict[threading.Thread, socket.socket] = {}
         self._closing = threading.Event()
         self._loop_done = threading.Event()
         self._loop_started = False
@@ -205,7 +205,7 @@ class Server:
                 daemon=True,
                 name=f"socket_rpc-conn-{peer[0]}:{peer[1]}",
             )
-            self._connections[sock] = thread
+            self._connections[thread] = sock
         thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -222,14 +222,14 @@ class Server:
             self._listener.close()
         with self._lock:
             connections = list(self._connections.items())
-        for sock, _ in connections:
+        for _, sock in connections:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         end = time.monotonic() + timeout
         current = threading.current_thread()
-        for _, thread in connections:
+        for thread, _ in connections:
             if thread is not current:
                 thread.join(max(0.0, end - time.monotonic()))
         if self._thread is not None and self._thread is not current:
@@ -260,6 +260,8 @@ class Server:
             sock = raw
             if self._ssl_context is not None:
                 sock = self._ssl_context.wrap_socket(raw, server_side=True)
+                with self._lock:  # wrapping detached ``raw``: close() must shut ``sock`` down
+                    self._connections[threading.current_thread()] = sock
             channel = Channel(sock, self._limits)
             deadline = time.monotonic() + self._handshake_timeout
             server_handshake(channel, self._token, deadline)
@@ -295,7 +297,7 @@ class Server:
                 channel.close()
             raw.close()
             with self._lock:
-                self._connections.pop(raw, None)
+                self._connections.pop(threading.current_thread(), None)
 
     @staticmethod
     def _try_send(channel: Channel, header: dict[str, Any]) -> None:
