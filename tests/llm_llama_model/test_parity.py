@@ -182,3 +182,25 @@ def test_masked_decode_step_leaves_a_row_untouched(tmp_path):
         run_chain(parts, ids[1:], caches=alone)
         second = run_chain(parts, torch.tensor([[7]]), caches=alone)
     torch.testing.assert_close(both[1], second[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parts_on_cuda_follow_the_cpu(dtype, tmp_path):
+    model = hf_model("rope_llama3_tied")
+    split(model, tmp_path, dtype=dtype)
+    on_cpu = [load_part(tmp_path, s) for s in SPECS]
+    on_gpu = [load_part(tmp_path, s, device="cuda") for s in SPECS]
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        caches = [p.new_cache(2, 8) for p in on_gpu]
+        gpu = run_chain(on_gpu, ids.cuda(), mask.cuda(), caches)
+        gpu_step = run_chain(on_gpu, ids[:, :1].cuda(), None, caches)
+        caches = [p.new_cache(2, 8) for p in on_cpu]
+        cpu = run_chain(on_cpu, ids, mask, caches)
+        cpu_step = run_chain(on_cpu, ids[:, :1], None, caches)
+    atol = 1e-3 if dtype == torch.float32 else 0.05 * cpu.abs().max().item()
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=atol, rtol=0)
+    torch.testing.assert_close(gpu_step.cpu(), cpu_step, atol=atol, rtol=0)

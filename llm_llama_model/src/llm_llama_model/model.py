@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, bit-equal to the lines below in float32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -41,16 +43,8 @@ class Step:
 
     cos: torch.Tensor  # [B, 1, T, head_dim]
     sin: torch.Tensor  # [B, 1, T, head_dim]
-    mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend
+    mask: torch.Tensor  # [B, 1, T, S] additive float: 0 = may attend, -inf = masked
     start: int  # cache slot of the first new position (0 without a cache)
-
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]; = x.repeat_interleave(groups, 1)."""
-    if groups == 1:
-        return x
-    B, kv_heads, S, D = x.shape
-    return x[:, :, None].expand(B, kv_heads, groups, S, D).reshape(B, kv_heads * groups, S, D)
 
 
 class Attention(nn.Module):
@@ -76,8 +70,8 @@ class Attention(nn.Module):
             kv.k[:B, :, step.start : end] = k
             kv.v[:B, :, step.start : end] = v
             k, v = kv.k[:B, :, :end], kv.v[:B, :, :end]
-        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)
+        # enable_gqa shares each key/value head among its query heads (= repeat_kv, no copy)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -194,7 +188,10 @@ class LlamaPart(nn.Module):
         positions = (seen + mask.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
         cos, sin = rope.cos_sin(self.inv_freq, positions, dtype)
         keys = mask if cache is None else torch.cat((cache.valid[:B, :start], mask), dim=1)
-        return Step(cos, sin, _attention_mask(keys, start), start)
+        allowed = _attention_mask(keys, start)
+        # SDPA turns a bool mask into this additive one on every call; do it once per forward.
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return Step(cos, sin, additive.masked_fill_(~allowed, float("-inf")), start)
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if not isinstance(x, torch.Tensor):

