@@ -92,8 +92,10 @@ def test_only_explicitly_exposed_callables_are_served() -> None:
         for name in ("secret", "describe", "sessions", "__class__", "__dict__"):
             with pytest.raises(UnknownFunctionError):
                 client.call(name)
+    empty = Server()
     with pytest.raises(ValueError):
-        Server().expose_object(object())
+        empty.expose_object(object())
+    empty.close()
 
 
 def test_expose_refuses_duplicates_and_non_callables() -> None:
@@ -233,7 +235,7 @@ def test_server_killed_mid_call_makes_the_client_raise_not_hang() -> None:
         client.close()
     finally:
         child.kill()
-        child.wait()
+        child.communicate()
 
 
 def test_sixteen_threads_share_one_client(client: Client, server: Server) -> None:

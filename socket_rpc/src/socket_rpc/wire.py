@@ -37,7 +37,7 @@ PREFIX = struct.Struct("<4sHHIQ")
 ALIGN = 64
 
 _STAGING_BYTES = 256 * 1024
-_SMALL_MESSAGE = 64 * 1024  # below this, the parts are joined and sent with one call
+_SMALL_MESSAGE = 64 * 1024  # TLS: below this, the parts are joined and sent with one call
 _MMAP_BODY = 1 << 20  # bodies from this size on get fresh zero pages instead of a memset buffer
 _SPARE_MAX = 1 << 30  # a channel keeps its last large body buffer (up to this size) for reuse
 
@@ -187,8 +187,10 @@ class Channel:
         """Send one packed message (see :func:`pack`)."""
         self._arm(deadline)
         try:
-            if message.size <= _SMALL_MESSAGE or not message.parts:
-                self.sock.sendall(b"".join([message.head, *message.parts]))
+            if not message.parts:
+                self.sock.sendall(message.head)
+            elif self._tls and message.size <= _SMALL_MESSAGE:
+                self.sock.sendall(b"".join([message.head, *message.parts]))  # one TLS record
             elif self._tls:
                 self.sock.sendall(message.head)
                 for part in message.parts:
