@@ -189,3 +189,30 @@ def test_load_to_cuda(model_dir):
     tensor = part.layers[1]["w"]
     assert tensor.is_cuda and tensor.dtype == torch.float16
     assert torch.equal(tensor.cpu(), state["h.1.w"].half())
+
+
+def test_works_without_numpy(tmp_path):
+    """numpy is not a dependency: writing, loading and verifying work where it is missing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys, warnings
+        sys.modules["numpy"] = None  # any import of numpy now fails
+        warnings.simplefilter("ignore")
+        import torch
+        from llm_sepweight import dump, load, verify
+        state = {{"e": torch.randn(3, 2), "l.0": torch.arange(4), "l.1": torch.ones(2).bfloat16()}}
+        decide = lambda k: ("begin", k) if k == "e" else ("mid", int(k[2]), "w")
+        dump(state, {str(tmp_path)!r}, decide)
+        verify({str(tmp_path)!r})
+        part = load({str(tmp_path)!r}, "b 0-2")
+        assert torch.equal(part.begin["e"], state["e"])
+        assert torch.equal(part.layers[1]["w"], state["l.1"])
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

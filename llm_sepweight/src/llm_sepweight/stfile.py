@@ -9,6 +9,7 @@ mapping, so nothing is read from disk until it is touched. The files are standar
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
@@ -17,6 +18,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -62,9 +64,21 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def _write_tensor(f: BinaryIO, digest: Any, tensor: torch.Tensor) -> None:
+    """Write and hash a tensor's bytes, without a copy when it is contiguous on the CPU.
+
+    The bytes are reached through ctypes (no numpy needed); ``flat`` owns the memory and lives
+    until this function returns, after the last read of the view.
+    """
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
+        return
+    data = memoryview((ctypes.c_char * nbytes).from_address(flat.data_ptr())).cast("B")
+    for i in range(0, nbytes, _CHUNK):
+        piece = data[i : i + _CHUNK]
+        f.write(piece)
+        digest.update(piece)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -115,11 +129,7 @@ def write_file(
             f.write(chunk)
             digest.update(chunk)
         for key in order:
-            data = _tensor_bytes(tensors[key])
-            for i in range(0, len(data), _CHUNK):
-                piece = data[i : i + _CHUNK]
-                f.write(piece)
-                digest.update(piece)
+            _write_tensor(f, digest, tensors[key])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
