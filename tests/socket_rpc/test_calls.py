@@ -232,6 +232,7 @@ def test_server_killed_mid_call_makes_the_client_raise_not_hang() -> None:
         caller.join(30)
         assert not caller.is_alive(), "the client hung after the server died"
         assert len(outcome) == 1 and isinstance(outcome[0], RPCConnectionError), outcome
+        assert f"127.0.0.1:{port}" in str(outcome[0])  # the error names the server
         client.close()
     finally:
         child.kill()
@@ -292,3 +293,11 @@ def test_closed_client_refuses_calls(server: Server) -> None:
     client.close()
     with pytest.raises(RPCConnectionError):
         client.add(1, 2)
+
+
+def test_connections_over_the_limit_are_refused_and_the_others_served() -> None:
+    with make_server(max_connections=1) as server, Client(*server.address) as first:
+        assert first.add(1, 1) == 2
+        with pytest.raises(RPCConnectionError, match="connection limit"):
+            Client(*server.address, connect_timeout=10)
+        assert first.add(2, 2) == 4

@@ -20,7 +20,7 @@ import hmac
 import secrets
 from typing import Any
 
-from .errors import AuthenticationError, ProtocolError
+from .errors import AuthenticationError, ProtocolError, RPCConnectionError
 from .limits import HANDSHAKE_LIMITS
 from .wire import Channel, pack
 
@@ -45,7 +45,10 @@ def _nonce(header: dict[str, Any]) -> bytes:
 def _expect(channel: Channel, kind: str, deadline: float | None) -> dict[str, Any]:
     frame = channel.receive(deadline, HANDSHAKE_LIMITS)
     if frame is None:
-        raise ProtocolError(f"the peer closed the connection before the handshake's {kind!r}")
+        raise RPCConnectionError(
+            f"the peer closed the connection before the handshake's {kind!r} (not a socket_rpc "
+            "peer, TLS on one side only, or the server is at its connection limit)"
+        )
     header = frame.header
     if header.get("kind") == "error" and header.get("type") == "AuthenticationError":
         raise AuthenticationError(str(header.get("message", "authentication failed")))

@@ -147,7 +147,9 @@ class Client:
             channel.send(message, deadline)
             frame = channel.receive(deadline)
             if frame is None:
-                raise RPCConnectionError(f"the server closed the connection during call {name!r}")
+                raise RPCConnectionError(
+                    f"{self.host}:{self.port} closed the connection during call {name!r}"
+                )
             result = self._result(frame, header["id"], name)
             del frame
         except RemoteError:
@@ -155,10 +157,14 @@ class Client:
             raise
         except RPCTimeoutError:
             channel.close()
-            raise RPCTimeoutError(f"call {name!r} got no reply within {timeout} s") from None
+            raise RPCTimeoutError(
+                f"call {name!r} to {self.host}:{self.port} got no reply within {timeout} s"
+            ) from None
         except OSError as exc:
             channel.close()
-            raise RPCConnectionError(f"call {name!r} failed, the connection broke: {exc}") from None
+            raise RPCConnectionError(
+                f"call {name!r} to {self.host}:{self.port} failed, the connection broke: {exc}"
+            ) from None
         except BaseException:
             channel.close()  # the connection's state is unknown: never reuse it
             raise
