@@ -91,8 +91,11 @@ def encode_numpy(np: Any, array: Any) -> tuple[dict[str, Any], memoryview, Any]:
     _require_little_endian()
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)  # only the view's elements, never the whole base
-    flat = array.reshape(-1).view(np.uint8)
-    return {"dtype": name, "shape": list(array.shape)}, memoryview(flat), flat
+    try:
+        view = memoryview(array).cast("B")
+    except TypeError:  # formats memoryview cannot cast (complex): go through a uint8 view
+        view = memoryview(array.reshape(-1).view(np.uint8))
+    return {"dtype": name, "shape": list(array.shape)}, view, array
 
 
 def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, Any]:

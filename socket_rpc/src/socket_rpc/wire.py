@@ -92,35 +92,32 @@ class Packed:
     owners: Any = None
 
 
-def pack(header: dict[str, Any], buffers: Sequence[Any] = (), owners: Any = None) -> Packed:
+def pack(header: dict[str, Any], buffers: Sequence[memoryview] = (), owners: Any = None) -> Packed:
     """Lay out one message: ``header`` (a JSON-able dict) and the raw ``buffers`` after it.
 
-    The buffers are referenced, not copied; ``owners`` (the objects whose memory they view) are
-    kept with the message until it is sent. Raises :class:`EncodeError` if the header cannot be
+    ``buffers`` are flat byte memoryviews (as :class:`~socket_rpc.codec.Encoder` makes them);
+    they are referenced, not copied, and ``owners`` (the objects whose memory they view) are kept
+    with the message until it is sent. Raises :class:`EncodeError` if the header cannot be
     written as JSON.
     """
-    views = [_as_bytes_view(b) for b in buffers]
-    sizes = [v.nbytes for v in views]
-    if sizes:
-        header["buffers"] = sizes  # absent means none
+    parts: list[Any] = []
+    end = 0
+    if buffers:
+        header["buffers"] = [view.nbytes for view in buffers]  # absent means none
+        for view in buffers:
+            if view.nbytes:  # empty buffers take no room and need no padding
+                pad = -end % ALIGN
+                if pad:
+                    parts.append(_ZEROS[:pad])
+                    end += pad
+                parts.append(view)
+                end += view.nbytes
     try:
         header_bytes = _to_json(header).encode()
     except ValueError as exc:  # e.g. an int too long to print
         raise EncodeError(f"cannot encode the message header: {exc}") from None
-    if not views:
-        head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), 0) + header_bytes
-        return Packed(head, [], len(head), owners)
-    offsets, body_len = _buffer_offsets(sizes)
-    parts: list[Any] = []
-    end = 0
-    for view, offset in zip(views, offsets, strict=True):
-        if view.nbytes:
-            if offset > end:
-                parts.append(_ZEROS[: offset - end])
-            parts.append(view)
-            end = offset + view.nbytes
-    head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), body_len) + header_bytes
-    return Packed(head, parts, len(head) + body_len, owners)
+    head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), end) + header_bytes
+    return Packed(head, parts, len(head) + end, owners)
 
 
 def _allocate_body(nbytes: int) -> bytearray | mmap.mmap:
@@ -131,23 +128,22 @@ def _allocate_body(nbytes: int) -> bytearray | mmap.mmap:
     return bytearray(nbytes)
 
 
-def _buffer_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
-    """The start of each buffer in the body and the body's total length."""
+def _buffer_layout(sizes: Any, limits: Limits) -> tuple[list[int], int]:
+    """Check the header's buffer lengths; the start of each in the body and the body's length."""
+    if not isinstance(sizes, list):
+        raise ProtocolError("the header's 'buffers' must be a list of byte lengths")
+    if len(sizes) > limits.max_buffers:
+        raise ProtocolError(f"{len(sizes)} buffers is over the limit of {limits.max_buffers}")
     offsets = []
     end = 0
     for size in sizes:
-        if size:  # empty buffers take no room and need no padding
+        if type(size) is not int or size < 0:
+            raise ProtocolError(f"bad buffer length {size!r} in the header")
+        if size:  # empty buffers take no room and need no padding (as pack lays them out)
             end += -end % ALIGN
         offsets.append(end)
         end += size
     return offsets, end
-
-
-def _as_bytes_view(buffer: Any) -> memoryview:
-    view = memoryview(buffer)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
 
 
 class Channel:
@@ -263,10 +259,10 @@ class Channel:
             _refuse_prefix(magic, version, flags, header_len, body_len, limits)
         self._start += PREFIX.size
         header = self._read_header(header_len, deadline)
-        sizes = header.get("buffers", [])
-        if sizes != [] or body_len:
-            sizes = _check_buffer_sizes(sizes, limits)
-        offsets, expected = _buffer_offsets(sizes)
+        sizes = header.get("buffers")
+        if sizes is None and not body_len:
+            return Frame(header, [])
+        offsets, expected = _buffer_layout(sizes, limits)
         if expected != body_len:
             raise ProtocolError(
                 f"the header's buffers need a body of {expected} bytes, the prefix says {body_len}"
@@ -390,17 +386,6 @@ def _readable_now(sock: socket.socket) -> bool:
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
-
-
-def _check_buffer_sizes(sizes: Any, limits: Limits) -> list[int]:
-    if not isinstance(sizes, list):
-        raise ProtocolError("the header's 'buffers' must be a list of byte lengths")
-    if len(sizes) > limits.max_buffers:
-        raise ProtocolError(f"{len(sizes)} buffers is over the limit of {limits.max_buffers}")
-    for size in sizes:
-        if type(size) is not int or size < 0:
-            raise ProtocolError(f"bad buffer length {size!r} in the header")
-    return sizes
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
