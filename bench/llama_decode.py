@@ -2,7 +2,7 @@
 
 Prints prefill tokens/s and decode ms/step at batch 1 and 8 for both, the memory-bandwidth floor
 of a decode step (weight bytes / measured read bandwidth of a large tensor), and what
-torch.compile does (warm-up cost included). Runs are interleaved (ours, theirs, theirs, ours...)
+torch.compile does (warm-up cost included). Runs are interleaved (the order rotates every round)
 and each figure is the median over rounds, because the machine is shared.
 
     .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile]
@@ -11,7 +11,6 @@ and each figure is the median over rounds, because the machine is shared.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import statistics
 import tempfile
@@ -52,10 +51,8 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 class Ours:
-    name = "llm_llama_model"
-
-    def __init__(self, part):
-        self.part, self.cache = part, None
+    def __init__(self, part, name: str = "llm_llama_model"):
+        self.part, self.cache, self.name = part, None, name
 
     def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
         self.cache = self.part.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
@@ -97,50 +94,41 @@ def measure(runner, ids: torch.Tensor, steps: int) -> tuple[float, float, list[i
 
 
 def table(results: dict, prompt_len: int, floor_ms: float) -> None:
-    print(f"\n{'':18}{'batch':>6}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
-    for (name, batch), runs in sorted(results.items()):
-        pre = statistics.median(r[0] for r in runs)
-        dec = statistics.median(r[1] for r in runs)
-        print(f"{name:18}{batch:>6}{batch * prompt_len / pre:>15.0f}{dec * 1e3:>16.2f}"
+    """Median rows per (implementation, batch), then each one's ratios to transformers."""
+    med = {key: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+           for key, runs in results.items()}  # fmt: skip
+    print(f"\n{'':27}{'batch':>6}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
+    for (name, batch), (pre, dec) in sorted(med.items()):
+        print(f"{name:27}{batch:>6}{batch * prompt_len / pre:>15.0f}{dec * 1e3:>16.2f}"
               f"{batch / dec:>14.1f}")  # fmt: skip
-    for batch in sorted({b for _, b in results}):
-        ours = statistics.median(r[1] for r in results["llm_llama_model", batch])
-        theirs = statistics.median(r[1] for r in results["transformers", batch])
-        ours_pre = statistics.median(r[0] for r in results["llm_llama_model", batch])
-        theirs_pre = statistics.median(r[0] for r in results["transformers", batch])
-        print(
-            f"batch {batch}: decode speed-up {theirs / ours:.2f}x, prefill speed-up "
-            f"{theirs_pre / ours_pre:.2f}x, decode / floor {ours * 1e3 / floor_ms:.2f}x"
-        )
+    for (name, batch), (pre, dec) in sorted(med.items()):
+        if name != "transformers" and ("transformers", batch) in med:
+            hf_pre, hf_dec = med["transformers", batch]
+            print(
+                f"{name}, batch {batch}: decode {hf_dec / dec:.2f}x transformers' tokens/s, "
+                f"prefill {hf_pre / pre:.2f}x, decode step / floor {dec * 1e3 / floor_ms:.2f}"
+            )
 
 
-def timed_compile(part, ids: torch.Tensor, steps: int, rounds: int) -> None:
-    """Each decoder layer compiled (input checks, masks and head stay eager): warm-up, then the
-    batch-1 decode step interleaved with the eager part."""
-    compiled = copy.copy(part)  # shares the weights; its own layer list gets compiled
-    compiled.layers = torch.nn.ModuleList(copy.copy(layer) for layer in part.layers)
-    for layer in compiled.layers:
-        layer.compile(dynamic=True)
-    runner = Ours(compiled)
-    start = time.perf_counter()
-    token = runner.prefill(ids, steps)
-    first_prefill = time.perf_counter() - start
-    warm = []
-    for _ in range(3):
+def compile_part(part, prompts: dict, steps: int):
+    """torch.compile of the whole part (dynamic shapes): prints the warm-up, returns a runner.
+
+    The input checks (``int(x.min())`` ...) are graph breaks and stay eager; the layers, masks
+    and RoPE become one graph.
+    """
+    runner = Ours(torch.compile(part, dynamic=True), "llm_llama_model compiled")
+    for batch, ids in prompts.items():
         start = time.perf_counter()
-        token = runner.decode(token)
-        warm.append(time.perf_counter() - start)
-    print(
-        f"\ntorch.compile (each layer, dynamic=True): warm-up {first_prefill:.1f} s for the first "
-        f"prefill, then decode steps of {', '.join(f'{t:.2f}' for t in warm)} s"
-    )
-    rows: dict = {"eager": [], "compiled": []}
-    for _ in range(rounds):
-        for name, each in (("eager", Ours(part)), ("compiled", runner)):
-            rows[name].append(measure(each, ids, steps)[1])
-    e, c = (statistics.median(rows[k]) * 1e3 for k in ("eager", "compiled"))
-    print(f"batch {ids.shape[0]} decode: eager {e:.2f} ms/step, compiled {c:.2f} ms/step "
-          f"(compiled is {e / c:.2f}x the speed of eager)")  # fmt: skip
+        token = runner.prefill(ids, steps)
+        prefill = time.perf_counter() - start
+        warm = []
+        for _ in range(3):
+            start = time.perf_counter()
+            token = runner.decode(token)
+            warm.append(time.perf_counter() - start)
+        print(f"torch.compile warm-up, batch {batch}: first prefill {prefill:.1f} s, first "
+              f"decode steps {', '.join(f'{t:.2f}' for t in warm)} s")  # fmt: skip
+    return runner
 
 
 def main() -> None:
@@ -150,7 +138,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--sepweight", type=Path, help="an already converted SmolLM2 directory")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -184,9 +172,11 @@ def run(args: argparse.Namespace, part, model, hf_version: str) -> None:
     results: dict = {}
     bandwidths = []
     with torch.inference_mode():
+        if not args.no_compile:
+            runners.append(compile_part(part, prompts, args.steps))
         for round_ in range(args.rounds):
             bandwidths.append(read_bandwidth())
-            order = runners if round_ % 2 == 0 else runners[::-1]
+            order = runners[round_ % len(runners) :] + runners[: round_ % len(runners)]
             for batch, ids in prompts.items():
                 tokens = {}
                 for runner in order:
@@ -194,8 +184,8 @@ def run(args: argparse.Namespace, part, model, hf_version: str) -> None:
                     results.setdefault((runner.name, batch), []).append(result)
                     tokens[runner.name] = result[2]
                 if round_ == 0:
-                    same = tokens["llm_llama_model"] == tokens["transformers"]
-                    print(f"batch {batch}: greedy tokens equal to transformers: {same}")
+                    same = all(t == tokens["transformers"] for t in tokens.values())
+                    print(f"batch {batch}: greedy tokens of all runs equal transformers': {same}")
         by_sum = statistics.median(b[0] for b in bandwidths)
         by_mv = statistics.median(b[1] for b in bandwidths)
         nbytes = weight_bytes(part)
@@ -204,8 +194,6 @@ def run(args: argparse.Namespace, part, model, hf_version: str) -> None:
               f"{by_sum / 1e9:.2f} GB/s, matrix-vector {by_mv / 1e9:.2f} GB/s; floor "
               f"{floor_ms:.2f} ms per decode step (weights / the faster of the two)")  # fmt: skip
         table(results, args.prompt_len, floor_ms)
-        if not args.no_compile:
-            timed_compile(part, prompts[1], args.steps, args.rounds)
 
 
 if __name__ == "__main__":

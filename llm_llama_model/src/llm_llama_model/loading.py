@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from . import rope
 from .config import LlamaConfig
 from .errors import LlamaModelError
 from .model import LlamaPart
+
+log = logging.getLogger(__name__)
 
 
 def load_part(
@@ -30,8 +33,10 @@ def load_part(
     if weights.manifest.arch != "llama":
         raise LlamaModelError(f"{directory} holds a {weights.manifest.arch!r} model, not 'llama'")
     config = LlamaConfig.from_hf(weights.manifest.config)
-    state = weights.state_dict()
-    return part_from_state_dict(config, weights.spec, state, device=device)
+    log.debug(
+        "loading part %s of %s (%d layers)", weights.spec, directory, config.num_hidden_layers
+    )
+    return part_from_state_dict(config, weights.spec, weights.state_dict(), device=device)
 
 
 def part_from_state_dict(

@@ -112,7 +112,13 @@ class LlamaPart(nn.Module):
     norm and the head. Weights are uninitialised (use ``load_part`` or ``load_state_dict``).
     """
 
-    def __init__(self, config: LlamaConfig, spec: PartSpec | str, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        spec: PartSpec | str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         spec = PartSpec.parse(spec) if isinstance(spec, str) else spec
         self.config, self.spec = config, _resolve(spec, config.num_hidden_layers)
@@ -182,7 +188,9 @@ class LlamaPart(nn.Module):
             return self.lm_head(self.norm(h)).float()
         return h
 
-    def _step(self, mask: torch.Tensor, cache: KVCache | None, start: int, dtype) -> Step:
+    def _step(
+        self, mask: torch.Tensor, cache: KVCache | None, start: int, dtype: torch.dtype
+    ) -> Step:
         B, T = mask.shape
         seen = cache.seen[:B, None] if cache is not None else 0
         positions = (seen + mask.long().cumsum(1) - 1).clamp(min=0)  # [B, T]

@@ -41,7 +41,9 @@ def _llama3(
     return torch.where(is_mid, blended, scaled)
 
 
-def cos_sin(freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def cos_sin(
+    freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """cos and signed sin [B, 1, T, head_dim] for integer positions [B, T], computed in float32.
 
     The sin's first half is negated so that ``apply_rope`` needs one roll instead of a
