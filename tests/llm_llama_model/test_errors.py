@@ -99,3 +99,8 @@ def test_spec_outside_the_model_and_weights_that_do_not_fit():
 def test_bad_cache_sizes(begin):
     with pytest.raises(LlamaModelError, match=">= 1"):
         begin.new_cache(0, 4)
+
+
+def test_input_on_another_device(begin):
+    with pytest.raises(LlamaModelError, match="meta"):
+        begin(torch.zeros(1, 2, dtype=torch.long, device="meta"))

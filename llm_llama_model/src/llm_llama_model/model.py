@@ -204,6 +204,10 @@ class LlamaPart(nn.Module):
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if not isinstance(x, torch.Tensor):
             raise LlamaModelError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != self.device:
+            raise LlamaModelError(
+                f"x is on {x.device} but this part's weights are on {self.device}"
+            )
         if self.spec.begin:
             return _check_ids(x, self.config.vocab_size)
         H = self.config.hidden_size
