@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, bit-equal to the lines below in float32
+        if x.dtype == torch.float32:  # one op; the same math as below in float32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -42,7 +42,7 @@ class Step:
     """What every layer of one forward call shares: RoPE angles, mask, first cache slot."""
 
     cos: torch.Tensor  # [B, 1, T, head_dim]
-    sin: torch.Tensor  # [B, 1, T, head_dim]
+    sin: torch.Tensor  # [B, 1, T, head_dim], first half negated (see rope.cos_sin)
     mask: torch.Tensor  # [B, 1, T, S] additive float: 0 = may attend, -inf = masked
     start: int  # cache slot of the first new position (0 without a cache)
 
@@ -53,7 +53,7 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, **factory) -> None:
         super().__init__()
         hidden, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.head_dim, self.groups = hd, config.kv_groups
+        self.head_dim = hd
         self.q_proj = nn.Linear(hidden, config.num_attention_heads * hd, bias=bias, **factory)
         self.k_proj = nn.Linear(hidden, config.num_key_value_heads * hd, bias=bias, **factory)
         self.v_proj = nn.Linear(hidden, config.num_key_value_heads * hd, bias=bias, **factory)
