@@ -92,6 +92,21 @@ def test_config_from_gguf_metadata():
         config_from_gguf({k: v for k, v in meta.items() if k != "llama.block_count"})
 
 
+def test_config_from_gguf_reads_tying_and_vocabulary_from_the_file_facts():
+    meta = {"general.architecture": "llama", "llama.block_count": 2,
+            "llama.embedding_length": 64, "llama.feed_forward_length": 128,
+            "llama.attention.head_count": 4}  # fmt: skip
+    names = ["token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"]
+    facts = {"sepweight.tensor_names": names, "sepweight.vocab_size": 321}
+    tied = config_from_gguf({**meta, **facts})
+    assert tied["tie_word_embeddings"] and tied["vocab_size"] == 321
+    facts["sepweight.tensor_names"] = [*names, "output.weight"]
+    assert not config_from_gguf({**meta, **facts})["tie_word_embeddings"]
+    assert config_from_gguf({**meta, **facts, "llama.vocab_size": 500})["vocab_size"] == 500
+    with pytest.raises(LlamaModelError, match="llama.vocab_size"):
+        config_from_gguf(meta)
+
+
 def test_registered_for_llama_and_mistral():
     assert find_architecture(model_type="llama") is ARCHITECTURE
     assert find_architecture(model_type="mistral") is ARCHITECTURE

@@ -62,3 +62,27 @@ def test_smollm2_gguf_converts_exactly(smollm2_gguf, tmp_path):
     assert "tokenizer.json" in manifest.files and "tokenizer_config.json" in manifest.files
     assert_equal_to_gguf(tmp_path / "o", smollm2_gguf, 30)
     verify(tmp_path / "o")
+
+
+def test_model_package_gets_tensor_names_for_its_config(tiny_gguf, tmp_path, monkeypatch):
+    """``config_from_gguf`` sees the file's tensor names (e.g. to tell a tied head)."""
+    site = tmp_path / "site"
+    info = site / "toy_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llm_microlibs.models]\ntoy = toy_plugin:ARCH\n")
+    (site / "toy_plugin.py").write_text(
+        "from llm_sepweight import Architecture, gguf_decider\n"
+        "def config(meta):\n"
+        "    return {'names': sorted(meta['sepweight.tensor_names']),\n"
+        "            'vocab': meta.get('sepweight.vocab_size'), 'num_hidden_layers': 2}\n"
+        "ARCH = Architecture(name='toy', model_types=(), decider=lambda c: gguf_decider(),\n"
+        "                    gguf_architectures=('toyarch',), config_from_gguf=config,\n"
+        "                    gguf_rename=lambda name: name)\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    manifest = convert(tiny_gguf, tmp_path / "o")
+    assert manifest.arch == "toy"
+    assert "output_norm.weight" in manifest.config["names"] and len(manifest.config["names"]) == 8
+    assert manifest.config["vocab"] is None  # the toy file has no vocabulary
+    assert_equal_to_gguf(tmp_path / "o", tiny_gguf, 2)

@@ -121,8 +121,10 @@ def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 def config_from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """GGUF metadata (``llama.*`` keys) -> a Hugging Face Llama config dict.
 
-    Tied embeddings are assumed (llama.cpp omits ``output.weight`` for tied models), because
-    metadata alone does not say; see the package README.
+    llama.cpp omits ``output.weight`` for tied models, so the head is tied exactly when
+    ``sepweight.tensor_names`` (passed by ``llm_sepweight.convert``) lacks it; without that list
+    the head is assumed tied. ``sepweight.vocab_size`` (the tokenizer's token count) stands in
+    for a missing ``llama.vocab_size``.
     """
     arch = metadata.get("general.architecture", "llama")
 
@@ -132,11 +134,14 @@ def config_from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
             raise LlamaModelError(f"GGUF metadata has no {arch}.{key}")
         return value
 
+    names = metadata.get("sepweight.tensor_names")
+    tied = names is None or "output.weight" not in names
+
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     config: dict[str, Any] = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(get("vocab_size")),
+        "vocab_size": int(get("vocab_size", metadata.get("sepweight.vocab_size"))),
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")),
@@ -146,7 +151,7 @@ def config_from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(get("context_length", 2048)),
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
     }
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":

@@ -30,7 +30,9 @@ class Architecture:
     """What a model package tells the converter about its checkpoints.
 
     ``decider(config)`` places Hugging Face keys. For GGUF sources, ``config_from_gguf`` turns the
-    GGUF metadata into a Hugging Face style config, ``gguf_rename`` maps llama.cpp tensor names to
+    GGUF metadata into a Hugging Face style config (besides the GGUF keys it receives
+    ``sepweight.tensor_names`` and, when the file has a vocabulary, ``sepweight.vocab_size``),
+    ``gguf_rename`` maps llama.cpp tensor names to
     Hugging Face names (None skips one) and ``gguf_transform(hf_name, tensor, config)`` undoes
     llama.cpp's layout changes. ``load_part(directory, spec, device=, dtype=)`` builds a slice.
     """

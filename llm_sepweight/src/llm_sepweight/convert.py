@@ -49,7 +49,7 @@ def convert(
     architecture = None if decider is not None else _architecture(source, config, arch)
     if architecture is not None:
         if source.kind == "gguf" and architecture.config_from_gguf is not None:
-            config = architecture.config_from_gguf(config)
+            config = architecture.config_from_gguf({**config, **source.gguf_facts})
         if source.kind == "gguf":
             keys, get = _gguf_renamed(source, architecture, config)
         decider = architecture.decider(config)

@@ -43,6 +43,7 @@ class Source:
     fingerprint: str = ""
     tokenizer_files: list[Path] = field(default_factory=list)
     gguf_tokenizer: bool = False  # the GGUF file carries a vocabulary
+    gguf_facts: dict[str, Any] = field(default_factory=dict)  # see ``gguf_facts``
 
 
 def fingerprint(paths: list[Path], *extra: object) -> str:
@@ -210,7 +211,24 @@ def open_gguf(path: Path) -> Source:
 
     arch = metadata.get("general.architecture")
     has_vocab = "tokenizer.ggml.model" in reader.fields
-    return Source("gguf", list(tensors), get, metadata, arch, fingerprint([path]), [], has_vocab)
+    facts = gguf_facts(reader)
+    return Source(
+        "gguf", list(tensors), get, metadata, arch, fingerprint([path]), [], has_vocab, facts
+    )
+
+
+def gguf_facts(reader: Any) -> dict[str, Any]:
+    """What a model package may need beyond the metadata to write a config.
+
+    ``sepweight.tensor_names`` (e.g. whether ``output.weight`` exists: untied head) and
+    ``sepweight.vocab_size`` (the number of tokens in the vocabulary, for files whose metadata
+    lacks ``<arch>.vocab_size``). Passed to ``Architecture.config_from_gguf`` only, never stored.
+    """
+    facts: dict[str, Any] = {"sepweight.tensor_names": [t.name for t in reader.tensors]}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        facts["sepweight.vocab_size"] = len(tokens.data)
+    return facts
 
 
 def _dequantize(gguf: Any, t: Any, rows_per_chunk: int = 1024) -> torch.Tensor:
