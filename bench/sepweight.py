@@ -2,8 +2,8 @@
 
 Prints, measured in one run:
   * convert time and the converting process's peak RSS (GGUF Q4_1 -> float32 sepweight);
-  * time to load one layer part with ``llm_sepweight.load`` vs ``safetensors.torch.load_file``
-    of the same file (both then read every byte), and the ratio;
+  * time to load a one-layer part and part "8-16" with ``llm_sepweight.load`` vs
+    ``safetensors.torch.load_file`` of the same files (then again touching every page), ratios;
   * peak RSS of a process that loads part "8-16" and reads all of it, next to the model's size.
 
 Usage: bash dev.sh bench sepweight   (or .venv/bin/python bench/sepweight.py)
@@ -23,22 +23,28 @@ from pathlib import Path
 CHILD_CONVERT = """
 import json, resource, sys, time
 import llm_sepweight, torch, transformers, gguf  # imports are not the conversion's memory
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # peak resident set of this process image (ru_maxrss would include the parent's)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+base = hwm()
 t = time.perf_counter()
 m = llm_sepweight.convert(sys.argv[1], sys.argv[2])
 elapsed = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(json.dumps({"seconds": elapsed, "base": base, "peak_rss": peak,
                   "bytes": m.weight_bytes, "arch": m.arch}))
 """
 
 CHILD_LOAD = """
-import json, resource, sys
+import json, sys
 import torch, llm_sepweight
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # peak resident set of this process image (ru_maxrss would include the parent's)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+base = hwm()
 w = llm_sepweight.load(sys.argv[1], sys.argv[2])
 total = sum(float(t.float().sum()) for layer in w.layers.values() for t in layer.values())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 part_bytes = sum(t.numel() * t.element_size() for l in w.layers.values() for t in l.values())
 print(json.dumps({"base": base, "peak": peak, "part_bytes": part_bytes}))
 """
@@ -60,24 +66,30 @@ def touch(tensors: dict) -> float:
     return sum(float(t.view(-1)[:: 4096 // t.element_size()].sum()) for t in tensors.values())
 
 
-def bench_layer_load(directory: Path, read: bool, repeats: int = 21) -> tuple[float, float]:
-    """Median seconds to load layer 5 (and, if ``read``, touch every page): ours, load_file."""
+def bench_part_load(
+    directory: Path, spec: str, read: bool, repeats: int = 21
+) -> tuple[float, float]:
+    """Median seconds to load the layers of ``spec`` (and, if ``read``, touch every page) with
+    llm_sepweight.load vs safetensors.torch.load_file of the same files."""
     import safetensors.torch
 
     import llm_sepweight
 
-    path = directory / "mid.00005.safetensors"
+    part = llm_sepweight.PartSpec.parse(spec)
+    paths = [directory / f"mid.{i:05d}.safetensors" for i in part.layers]
     ours, theirs = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine load
         t = time.perf_counter()
-        tensors = llm_sepweight.load(directory, "5-6").layers[5]
+        layers = llm_sepweight.load(directory, spec).layers
         if read:
-            touch(tensors)
+            for tensors in layers.values():
+                touch(tensors)
         ours.append(time.perf_counter() - t)
         t = time.perf_counter()
-        tensors = safetensors.torch.load_file(path)
-        if read:
-            touch(tensors)
+        for path in paths:
+            tensors = safetensors.torch.load_file(path)
+            if read:
+                touch(tensors)
         theirs.append(time.perf_counter() - t)
     return statistics.median(ours), statistics.median(theirs)
 
@@ -96,15 +108,15 @@ def main() -> None:
               f"{grown / conv['bytes']:.2f}x the output")  # fmt: skip
 
         layer = (out / "mid.00005.safetensors").stat().st_size
-        print(
-            f"  load one layer part '5-6' ({layer / mib:.1f} MiB, file in the page cache), "
-            "median of 21, interleaved:"
-        )
-        for read in (False, True):
-            ours, theirs = bench_layer_load(out, read)
-            what = "load + touch every page" if read else "load (ours maps lazily)"
-            print(f"    {what:<24} llm_sepweight {ours * 1e3:7.3f} ms | safetensors.load_file "
-                  f"{theirs * 1e3:7.3f} ms | ratio {theirs / ours:6.2f}x")  # fmt: skip
+        print(f"  load layer parts (one layer = {layer / mib:.1f} MiB; files in the page cache), "
+              "median of 21, interleaved; ratio = load_file time / ours:")  # fmt: skip
+        for spec in ("5-6", "8-16"):
+            for read in (False, True):
+                ours, theirs = bench_part_load(out, spec, read)
+                what = f"'{spec}' " + ("load + touch pages" if read else "load (ours is lazy)")
+                ms, theirs_ms = ours * 1e3, theirs * 1e3
+                print(f"    {what:<28} llm_sepweight {ms:7.3f} ms | safetensors load_file "
+                      f"{theirs_ms:7.3f} ms | ratio {theirs / ours:5.2f}x")  # fmt: skip
 
         rss = child(CHILD_LOAD, str(out), "8-16")
         grown = rss["peak"] - rss["base"]

@@ -67,9 +67,10 @@ def _check_file(directory: Path, manifest: Manifest, name: str, verify: bool) ->
     entry = manifest.files.get(name)
     if entry is None:
         raise FormatError(f"{path}: not listed in the manifest of {directory}")
-    if not path.is_file():
-        raise FormatError(f"{path} is missing (listed in the manifest of {directory})")
-    size = path.stat().st_size
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing (listed in the manifest of {directory})") from None
     if size != entry["bytes"]:
         raise IntegrityError(
             f"{path} has {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"

@@ -141,17 +141,25 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """Parse and check the header of a safetensors file without reading its data."""
     path = Path(path)
     try:
-        file_size = path.stat().st_size
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise FormatError(f"{path}: truncated safetensors file ({file_size} bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > _MAX_HEADER or 8 + n > file_size:
-                raise FormatError(f"{path}: header length {n} does not fit the file (truncated?)")
-            raw = f.read(n)
+            n = _header_length(path, prefix, file_size)
+            return _parse_header(path, f.read(n), file_size)
     except FileNotFoundError:
         raise FormatError(f"missing file: {path}") from None
+
+
+def _header_length(path: Path, prefix: bytes, file_size: int) -> int:
+    if len(prefix) < 8:
+        raise FormatError(f"{path}: truncated safetensors file ({file_size} bytes)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > _MAX_HEADER or 8 + n > file_size:
+        raise FormatError(f"{path}: header length {n} does not fit the file (truncated?)")
+    return n
+
+
+def _parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     try:
         entries = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -159,9 +167,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     if not isinstance(entries, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     metadata = entries.pop("__metadata__", None) or {}
-    data_size = file_size - 8 - n
+    data_size = file_size - 8 - len(raw)
     tensors = {key: _parse_entry(path, key, value, data_size) for key, value in entries.items()}
-    return Header(path, tensors, metadata, 8 + n, file_size)
+    return Header(path, tensors, metadata, 8 + len(raw), file_size)
 
 
 def _parse_entry(path: Path, key: str, value: object, data_size: int) -> TensorInfo:
@@ -192,17 +200,25 @@ def map_file(
     The mapping is private (copy-on-write): writing to a returned tensor never changes the file.
     Pages are read from disk only when touched.
     """
-    header = read_header(path)
-    if header.file_size == header.data_offset:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            if file_size < 8:
+                raise FormatError(f"{path}: truncated safetensors file ({file_size} bytes)")
+            # One open, one map: the header is parsed from the mapping itself.
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        raise FormatError(f"missing file: {path}") from None
+    n = _header_length(path, mapped[:8], file_size)
+    header = _parse_header(path, mapped[8 : 8 + n], file_size)
+    if file_size == header.data_offset:
         return {k: _empty(i) for k, i in header.tensors.items() if keys is None or k in keys}
-    with open(header.path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     data = torch.frombuffer(mapped, dtype=torch.uint8)
     out = {}
     for key, info in header.tensors.items():
-        if keys is not None and key not in keys:
-            continue
-        out[key] = _view(data, header.data_offset, info)
+        if keys is None or key in keys:
+            out[key] = _view(data, header.data_offset, info)
     return out
 
 
