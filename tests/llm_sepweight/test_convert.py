@@ -191,3 +191,19 @@ def test_a_state_dict_is_never_resumed_from_a_stale_journal(sw, tiny_llama, tmp_
     doubled = {k: v * 2 for k, v in state.items()}
     dump(doubled, tmp_path, sw.llama_decider())
     sw.assert_directory_holds(tmp_path, doubled)
+
+
+def test_converting_into_the_source_directory_keeps_the_source(
+    sw, checkpoints, tiny_llama, tmp_path
+):
+    """Only files named like sepweight's own are ever removed from the output directory."""
+    import shutil
+
+    _, state = tiny_llama
+    src = tmp_path / "model"
+    shutil.copytree(checkpoints["single"], src)
+    before = (src / "model.safetensors").read_bytes()
+    convert(src, src, decider=sw.llama_decider())
+    assert (src / "model.safetensors").read_bytes() == before
+    sw.assert_directory_holds(src, state)
+    verify(src)

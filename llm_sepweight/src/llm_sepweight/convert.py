@@ -63,12 +63,12 @@ def convert(
     num_layers = the_plan.num_layers()
     if source.kind != "gguf" or architecture is not None:
         _check_layer_count(num_layers, config)
-    stamp = f"{source.fingerprint}|{dtype_str(target) if target else ''}|{arch_name}"
+    stored_dtype = dtype_str(target) if target else None
+    stamp = f"{source.fingerprint}|{stored_dtype or ''}|{arch_name}"
     writer = DirectoryWriter(out_dir, fingerprint=stamp if source.fingerprint else "")
     write_planned(the_plan, get, writer, dtype=target, progress=progress)
     extra = _copy_tokenizer(source, src, writer.dir)
-    return writer.finish(arch_name, config, num_layers, dtype_str(target) if target else None,
-                         extra)  # fmt: skip
+    return writer.finish(arch_name, config, num_layers, stored_dtype, extra)
 
 
 def _architecture(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ END = "end.safetensors"
 def mid_name(layer: int) -> str:
     """File name of one layer: ``mid.00007.safetensors``."""
     return f"mid.{layer:05d}.safetensors"
+
+
+def is_weight_file(name: str) -> bool:
+    """True for the names this format gives its weight files (begin, mid.NNNNN, end)."""
+    return name in (BEGIN, END) or re.fullmatch(r"mid\.\d{5}\.safetensors", name) is not None
 
 
 @dataclass(frozen=True)

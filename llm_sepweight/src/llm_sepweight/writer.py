@@ -23,7 +23,7 @@ import torch
 
 from .decider import Decider, file_of, placements
 from .errors import ConversionError, SepweightError
-from .manifest import BEGIN, END, MANIFEST, Manifest, mid_name, write_manifest
+from .manifest import BEGIN, END, MANIFEST, Manifest, is_weight_file, mid_name, write_manifest
 from .stfile import fsync_dir, temp_path, write_file
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,7 @@ class Plan:
 
     def num_layers(self) -> int:
         """Layer count implied by the planned files; checks that no layer is missing."""
-        layers = sorted(int(name.split(".")[1]) for name in self.files if name.startswith("mid."))
-        missing = sorted(set(range(layers[-1] + 1)) - set(layers)) if layers else []
-        if missing:
-            raise ConversionError(f"the source has no tensors for layers {missing}")
-        return len(layers)
+        return layer_count(self.files)
 
     def check_unique(self) -> None:
         """Two source keys must never land on the same destination key of one file."""
@@ -81,6 +77,15 @@ class Plan:
             dupes = [k for k, n in counts.items() if n > 1]
             if dupes:
                 raise ConversionError(f"several source keys map to {dupes} in {name}")
+
+
+def layer_count(file_names: Iterable[str]) -> int:
+    """How many layers the ``mid.NNNNN`` files among ``file_names`` hold; none may be missing."""
+    layers = sorted(int(name.split(".")[1]) for name in file_names if name.startswith("mid."))
+    missing = sorted(set(range(layers[-1] + 1)) - set(layers)) if layers else []
+    if missing:
+        raise ConversionError(f"the source has no tensors for layers {missing}")
+    return len(layers)
 
 
 def plan(keys: Iterable[str], decider: Decider) -> Plan:
@@ -149,8 +154,8 @@ class DirectoryWriter:
         files = {n: {"sha256": e["sha256"], "bytes": e["bytes"]} for n, e in self.done.items()
                  if n in expected}  # fmt: skip
         for stale in self.dir.glob("*.safetensors"):  # left by an earlier, larger conversion
-            if stale.name not in files:
-                stale.unlink()
+            if is_weight_file(stale.name) and stale.name not in files:
+                stale.unlink()  # never a file of another name: out_dir may hold the source
         for name in extra:
             path = self.dir / name
             files[name] = {"sha256": hash_file(path), "bytes": path.stat().st_size}
@@ -231,13 +236,12 @@ def dump(
     source not ordered by layer), that file is read back from its memory map and rewritten.
     """
     target = parse_dtype(dtype)
+    writer = DirectoryWriter(out_dir, fingerprint="")  # tensors in memory cannot be resumed
     if isinstance(tensors, Mapping):
         the_plan = plan(tensors.keys(), decider)
-        writer = DirectoryWriter(out_dir, fingerprint="")  # a mapping in memory cannot resume
         write_planned(the_plan, tensors.__getitem__, writer, dtype=target, progress=progress)
         num_layers = the_plan.num_layers()
     else:
-        writer = DirectoryWriter(out_dir, fingerprint="")
         num_layers = _dump_stream(tensors, decider, writer, target)
     _check_layer_count(num_layers, config)
     return writer.finish(arch, config or {}, num_layers, dtype_str(target) if target else None)
@@ -280,8 +284,7 @@ def _dump_stream(
         flush(name)
     if not written:
         raise ConversionError("the decider placed no tensor at all")
-    probe = Plan(files={name: [] for name in written})
-    return probe.num_layers()
+    return layer_count(written)
 
 
 def _check_layer_count(num_layers: int, config: Mapping[str, Any] | None) -> None:
