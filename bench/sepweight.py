@@ -20,12 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-CHILD_CONVERT = """
-import json, resource, sys, time
-import llm_sepweight, torch, transformers, gguf  # imports are not the conversion's memory
+HWM = """
 def hwm():  # peak resident set of this process image (ru_maxrss would include the parent's)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
+"""
+
+CHILD_CONVERT = HWM + """
+import json, sys, time
+import llm_sepweight, torch, transformers, gguf  # imports are not the conversion's memory
 base = hwm()
 t = time.perf_counter()
 m = llm_sepweight.convert(sys.argv[1], sys.argv[2])
@@ -35,12 +38,9 @@ print(json.dumps({"seconds": elapsed, "base": base, "peak_rss": peak,
                   "bytes": m.weight_bytes, "arch": m.arch}))
 """
 
-CHILD_LOAD = """
+CHILD_LOAD = HWM + """
 import json, sys
 import torch, llm_sepweight
-def hwm():  # peak resident set of this process image (ru_maxrss would include the parent's)
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 base = hwm()
 w = llm_sepweight.load(sys.argv[1], sys.argv[2])
 total = sum(float(t.float().sum()) for layer in w.layers.values() for t in layer.values())
