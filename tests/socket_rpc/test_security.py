@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ from socket_rpc import (
 from socket_rpc.auth import client_handshake
 from socket_rpc.wire import MAGIC, PREFIX, PROTOCOL_VERSION, Channel, pack
 
-from .conftest import Calls, make_server
+from .conftest import Calls, make_server, tls_contexts
 
 # ---- authentication ------------------------------------------------------------------------------
 
@@ -95,32 +93,8 @@ def test_the_token_never_crosses_the_wire(auth_server: Server) -> None:
 # ---- TLS ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("the TLS tests need the openssl command-line tool to make a certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return cert, key
-
-
-def _tls_contexts(certificate: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    cert, key = certificate
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(cert))
-    return server_context, client_context
-
-
 def test_tls_with_a_self_signed_certificate(certificate: tuple[Path, Path]) -> None:
-    server_context, client_context = _tls_contexts(certificate)
+    server_context, client_context = tls_contexts(certificate)
     with make_server(ssl_context=server_context, token="t") as server:
         with Client(*server.address, ssl_context=client_context, token="t") as client:
             x = np.random.default_rng(0).standard_normal(300_000).astype(np.float32)  # > 1 MiB

@@ -21,7 +21,7 @@ from .errors import (
     UnknownFunctionError,
 )
 from .limits import Limits
-from .wire import Channel, Frame, pack
+from .wire import DEFAULT_SPIN, Channel, Frame, check_spin, pack
 
 __all__ = ["Client", "RemoteFunction"]
 
@@ -63,10 +63,15 @@ class Client:
         limits: the size limits applied to every reply.
         max_idle_connections: idle connections kept for reuse; extras are closed.
         connect: open the first connection now, so a wrong address or token fails here.
+        spin: seconds to busy-wait for a reply before blocking (0: never). A fast reply is then
+            read without the calling thread sleeping and being woken, which saves tens of
+            microseconds per small call; it costs up to ``spin`` of one core's time per call.
+            Never extends a timeout; ignored for TLS connections.
 
     Raises:
         RPCConnectionError: the server cannot be reached (only with ``connect=True``).
         AuthenticationError: the tokens do not match.
+        TypeError, ValueError: ``spin`` is not a finite number of seconds >= 0.
     """
 
     def __init__(
@@ -82,7 +87,9 @@ class Client:
         limits: Limits | None = None,
         max_idle_connections: int = 8,
         connect: bool = True,
+        spin: float = DEFAULT_SPIN,
     ) -> None:
+        self.spin = check_spin(spin)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -205,7 +212,7 @@ class Client:
             sock = raw
             if self._ssl_context is not None:
                 sock = self._ssl_context.wrap_socket(raw, server_hostname=self._server_hostname)
-            channel = Channel(sock, self._limits)
+            channel = Channel(sock, self._limits, self.spin)
             client_handshake(channel, self._token, deadline)
         except BaseException as exc:
             (channel.close() if channel is not None else raw.close())
