@@ -2,7 +2,9 @@
 
 Prints prefill tokens/s and decode ms/step at batch 1 and 8 for both, the memory-bandwidth floor
 of a decode step (weight bytes / measured read bandwidth of a large tensor), and what
-torch.compile does (warm-up cost included). Runs are interleaved (the order rotates every round)
+torch.compile does (warm-up cost included). "llm_llama_model" is the part as ``load_part`` gives
+it (packed weights, the default); "llm_llama_model unpacked" keeps every weight memory-mapped in
+its stored layout (``load_part(..., pack=False)``). Runs are interleaved (the order rotates every round)
 and each figure is the median over rounds, because the machine is shared.
 
     .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile]
@@ -156,19 +158,20 @@ def main() -> None:
             convert(gguf, directory, dtype="float32")
             print(f"converted {gguf.name} in {time.perf_counter() - start:.1f} s")
         part = load_part(directory, "f")
+        unpacked = load_part(directory, "f", pack=False)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype="float32"
         ).eval()
-        run(args, part, model, transformers.__version__)
+        run(args, part, unpacked, model, transformers.__version__)
 
 
-def run(args: argparse.Namespace, part, model, hf_version: str) -> None:
+def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> None:
     print(f"torch {torch.__version__}, transformers {hf_version}, {args.threads} thread(s), "
           f"prompt {args.prompt_len} tokens, {args.steps} decode steps, {args.rounds} "
           f"interleaved rounds, medians")  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, 49152, (b, args.prompt_len), generator=gen) for b in (1, 8)}
-    runners = [Ours(part), Theirs(model)]
+    runners = [Ours(part), Ours(unpacked, "llm_llama_model unpacked"), Theirs(model)]
     results: dict = {}
     bandwidths = []
     with torch.inference_mode():

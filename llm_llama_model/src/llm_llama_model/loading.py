@@ -23,11 +23,16 @@ def load_part(
     spec: PartSpec | str,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    pack: bool = True,
 ) -> LlamaPart:
     """Load part ``spec`` (e.g. ``"8-16"``) of the sepweight model in ``directory``.
 
     Only the part's files are read (memory-mapped); the module is built on ``meta`` and the
-    tensors are assigned, never copied on the CPU. ``dtype`` None keeps the stored dtype.
+    tensors are assigned. ``dtype`` None keeps the stored dtype. With ``pack`` (the default)
+    the weights are then repacked for speed (:meth:`LlamaPart.pack`: one copy, made layer by
+    layer, after which each layer's file is unmapped); ``pack=False`` keeps every weight a view
+    of the memory-mapped files (no copy at all; the kernel may drop and re-read those pages
+    under memory pressure), at the cost of slower decoding on a CPU.
     """
     weights = load(directory, spec, device=device, dtype=dtype)
     if weights.manifest.arch != "llama":
@@ -36,7 +41,9 @@ def load_part(
     log.debug(
         "loading part %s of %s (%d layers)", weights.spec, directory, config.num_hidden_layers
     )
-    return part_from_state_dict(config, weights.spec, weights.state_dict(), device=device)
+    part = part_from_state_dict(config, weights.spec, weights.state_dict(), device=device)
+    del weights  # the part's parameters are now the only references to the mapped files
+    return part.pack() if pack else part
 
 
 def part_from_state_dict(

@@ -44,7 +44,7 @@ def _llama3(
 def cos_sin(
     freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """cos and signed sin [B, 1, T, head_dim] for integer positions [B, T], computed in float32.
+    """cos and signed sin [B, T, 1, head_dim] for integer positions [B, T], computed in float32.
 
     The sin's first half is negated so that ``apply_rope`` needs one roll instead of a
     slice-negate-concatenate (negation is exact, so the result equals transformers').
@@ -52,10 +52,10 @@ def cos_sin(
     angles = positions[..., None].float() * freq  # [B, T, head_dim // 2]
     cos, sin = angles.cos(), angles.sin()
     cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-    return cos[:, None].to(dtype), sin[:, None].to(dtype)
+    return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, T, head_dim] (the "rotate half" layout of Hugging Face weights):
+    """Rotate x [B, T, heads, head_dim] (the "rotate half" layout of Hugging Face weights):
     x * cos + cat(-x2, x1) * sin, written as x * cos + roll(x, half) * cat(-sin, sin)."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
