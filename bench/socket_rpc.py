@@ -15,10 +15,10 @@ protocol with a JSON header written in Python, which socket_rpc's wire format is
 
 On a virtual machine, a thread that blocks in ``recv`` and is woken by the peer's reply pays the
 hypervisor's wake-up of an idle vCPU, tens of microseconds per message, more than the socket work
-itself. socket_rpc therefore spins (non-blocking receives for up to ``--spin`` seconds, its
-default unless given) before it blocks. Each small call is printed twice: against the raw blocking
-ping-pong the issue defines (the limit), and against a raw socket whose client and server spin
-the same way before blocking (the best a Python socket does on this machine).
+itself. socket_rpc therefore spins (non-blocking receives, yielding the CPU in between, for up to
+``--spin`` seconds, its default unless given) before it blocks. Each small call is printed
+twice: against the raw blocking ping-pong the issue defines (the limit), and against a raw socket
+whose client and server spin the same way before blocking (the best a Python socket does here).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import socket
 import statistics
 import struct
@@ -58,6 +59,7 @@ def _spin_recv(sock: socket.socket, view: memoryview, spin: float) -> int:
         except BlockingIOError:
             if time.monotonic() >= until:
                 return sock.recv_into(view)
+            os.sched_yield()
 
 
 def _recv_exact(sock: socket.socket, view: memoryview, spin: float = 0.0) -> None:

@@ -63,10 +63,10 @@ class Client:
         limits: the size limits applied to every reply.
         max_idle_connections: idle connections kept for reuse; extras are closed.
         connect: open the first connection now, so a wrong address or token fails here.
-        spin: seconds to busy-wait for a reply before blocking (0: never). A fast reply is then
-            read without the calling thread sleeping and being woken, which saves tens of
-            microseconds per small call; it costs up to ``spin`` of one core's time per call.
-            Never extends a timeout; ignored for TLS connections.
+        spin: seconds to busy-wait for a reply before blocking (default 200e-6; 0: never). A
+            fast reply is then read without the calling thread sleeping and being woken, which
+            saves tens of microseconds per small call; it costs up to ``spin`` of one core's
+            time per call. Never extends a timeout; ignored for TLS connections.
 
     Raises:
         RPCConnectionError: the server cannot be reached (only with ``connect=True``).

@@ -72,9 +72,9 @@ class Server:
         handshake_timeout: seconds a new connection has to finish TLS and authentication.
         send_tracebacks: send remote tracebacks to clients (they are authenticated peers).
         spin: seconds each connection busy-waits for the next call after a reply before it
-            blocks (0: never). A client calling in a loop is then answered without the
-            connection's thread sleeping and being woken; it costs up to ``spin`` of one core's
-            time per call. Ignored for TLS connections.
+            blocks (default 200e-6; 0: never). A client calling in a loop is then answered
+            without the connection's thread sleeping and being woken; it costs up to ``spin`` of
+            one core's time per call. Ignored for TLS connections.
 
     Raises:
         TypeError, ValueError: ``spin`` is not a finite number of seconds >= 0.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import select
 import socket
 import ssl
@@ -46,8 +47,9 @@ _SMALL_MESSAGE = 64 * 1024  # TLS: below this, the parts are joined and sent wit
 _MMAP_BODY = 1 << 20  # bodies from this size on get fresh zero pages instead of a memset buffer
 _SPARE_MAX = 1 << 30  # a channel keeps its last large body buffer (up to this size) for reuse
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_sched_yield = getattr(os, "sched_yield", lambda: None)
 
-DEFAULT_SPIN = 50e-6
+DEFAULT_SPIN = 200e-6
 """Seconds a client or server spins for the next message before blocking (see :class:`Channel`)."""
 
 
@@ -91,7 +93,7 @@ def _json_encoder() -> Any:
 
 # Stateless helpers made once: the C JSON encoder without the per-call set-up of json.dumps.
 _to_json = _json_encoder()
-_from_json = json.JSONDecoder().raw_decode
+_scan_json = json.JSONDecoder().scan_once  # raw_decode without its Python wrapper
 _IOV_MAX = 512
 _ZEROS = bytes(ALIGN)
 _CLOSED_MID_MESSAGE = "the peer closed the connection in the middle of a message"
@@ -177,8 +179,9 @@ class Channel:
 
     ``spin`` (seconds, 0: off): when :meth:`receive` waits for the start of a message and nothing
     is buffered, it first tries non-blocking receives for up to ``spin`` (never past the
-    deadline) and only then blocks. Each attempt is a syscall, which releases the GIL. TLS
-    sockets never spin (their reads go through the TLS layer's buffers).
+    deadline) and only then blocks. Between attempts it yields the CPU (``sched_yield``); each
+    attempt and yield is a syscall, which releases the GIL. TLS sockets never spin (their reads
+    go through the TLS layer's buffers).
     """
 
     def __init__(self, sock: socket.socket, limits: Limits, spin: float = 0.0) -> None:
@@ -193,6 +196,7 @@ class Channel:
         self._end = 0
         self._timeout: float | None = sock.gettimeout()
         self._spare: Any = None
+        self._poller: Any = None  # made on the first is_idle_and_open, then reused
 
     # ---- timeouts -------------------------------------------------------------------------
 
@@ -262,6 +266,9 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 if time.monotonic() >= until:
                     return True
+                # Let a thread waiting for this CPU run (often the peer we wait for, woken onto
+                # this CPU): without it, a busy machine turns every spin into a full-length one.
+                _sched_yield()
                 continue
             self._end = n
             return n > 0
@@ -374,7 +381,9 @@ class Channel:
             self._read_exact(header_len, deadline, raw)
         try:
             text = str(raw, "utf-8")
-            header, end = _from_json(text)
+            header, end = _scan_json(text, 0)
+        except StopIteration:  # what the scanner raises where no JSON value starts
+            raise ProtocolError("the message header is not valid JSON: expecting a value") from None
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
         if end != len(text):
@@ -393,7 +402,7 @@ class Channel:
         """
         if self._end != self._start or (self._tls and self.sock.pending()):
             return False
-        if not _readable_now(self.sock):
+        if not self._readable_now():
             return True
         if not self._tls:
             return False
@@ -415,6 +424,18 @@ class Channel:
             self._staging[0:1] = data
             self._start, self._end = 0, 1
         return False
+
+    def _readable_now(self) -> bool:
+        """Whether the socket has something to read (data or end of stream) right now."""
+        try:
+            if self._poller is None:
+                if not hasattr(select, "poll"):
+                    return bool(select.select([self.sock], [], [], 0)[0])
+                self._poller = select.poll()
+                self._poller.register(self.sock, select.POLLIN)
+            return bool(self._poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def close(self) -> None:
         """Close the socket; safe to call more than once."""
@@ -441,18 +462,6 @@ def _refuse_prefix(
             f"header of {header_len} bytes is over the limit of {limits.max_header_bytes}"
         )
     raise ProtocolError(f"body of {body_len} bytes is over the limit of {limits.max_body_bytes}")
-
-
-def _readable_now(sock: socket.socket) -> bool:
-    """Whether ``sock`` has something to read (data or end of stream) right now."""
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
