@@ -4,8 +4,8 @@ Prints prefill tokens/s and decode ms/step at batch 1 and 8 for both, the memory
 of a decode step (weight bytes / measured read bandwidth of a large tensor), and what
 torch.compile does (warm-up cost included). "llm_llama_model" is the part as ``load_part`` gives
 it (packed weights, the default); "llm_llama_model unpacked" keeps every weight memory-mapped in
-its stored layout (``load_part(..., pack=False)``). Runs are interleaved (the order rotates every round)
-and each figure is the median over rounds, because the machine is shared.
+its stored layout (``load_part(..., pack=False)``). Runs are interleaved (the order rotates every
+round) and each figure is the median over rounds, because the machine is shared.
 
     .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile]
 """

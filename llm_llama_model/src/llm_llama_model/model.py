@@ -55,27 +55,17 @@ class Packed:
     """Linear layers that share an input, packed into one transposed matrix ``[in, sum(out)]``.
 
     One matrix product then computes all of them, and a matrix with few inputs and many outputs
-    is read faster in this layout by a CPU matrix-vector product (measured in bench/). With
-    ``transposed=False`` a single layer keeps its ``[out, in]`` layout in memory of its own
-    (the faster one for a matrix with more inputs than outputs). The
+    is read faster in this layout by a CPU matrix-vector product (measured in bench/). The
     layers' own parameters become views into the packed matrix, so the state dict and
     ``load_state_dict`` (which copies into them) keep working. If a parameter is replaced (e.g.
     ``load_state_dict(assign=True)`` or a dtype or device change), :meth:`intact` turns False;
     the part then drops the pack before its next forward and uses the separate products.
     """
 
-    def __init__(self, linears: list[nn.Linear], transposed: bool = True) -> None:
-        weights = [lin.weight for lin in linears]
-        first = weights[0]
-        total = sum(w.shape[0] for w in weights)
-        if transposed:
-            self.weight_t = torch.empty(
-                first.shape[1], total, dtype=first.dtype, device=first.device
-            )
-        elif len(linears) == 1:
-            self.weight_t = torch.empty_like(first, memory_format=torch.contiguous_format).t()
-        else:
-            raise ValueError("only a single layer is packed untransposed")
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        first = linears[0].weight
+        total = sum(lin.weight.shape[0] for lin in linears)
+        self.weight_t = torch.empty(first.shape[1], total, dtype=first.dtype, device=first.device)
         biased = linears[0].bias is not None
         self.bias = torch.empty(total, dtype=first.dtype, device=first.device) if biased else None
         offset = 0
@@ -107,11 +97,6 @@ class Packed:
             return torch.mm(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
 
-    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``h + layers(x)`` as one matrix product with ``h`` as the addend (a new tensor)."""
-        out = torch.addmm(h, x, self.weight_t)
-        return out if self.bias is None else out.add_(self.bias)
-
 
 def _own(module: nn.Module) -> None:
     """Give ``module``'s own parameters their own memory (a copy, e.g. out of a memory map)."""
@@ -138,7 +123,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, config.num_key_value_heads * hd, bias=bias, **factory)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, hidden, bias=bias, **factory)
         self.packed: Packed | None = None
-        self.packed_out: Packed | None = None
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v projections of ``x [N, hidden]`` side by side, ``[N, (heads + 2 kv) hd]``."""
@@ -172,14 +156,12 @@ class Attention(nn.Module):
         # enable_gqa shares each key/value head among its query heads (= repeat_kv, no copy)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B * T, heads * hd)
-        if self.packed_out is not None:
-            return self.packed_out.add_to(h, out)
         return _residual_linear(h, out, self.o_proj)
 
     def pack(self) -> None:
-        """Pack q, k and v into one transposed matrix, o into memory of its own (Packed)."""
+        """Pack q, k and v into one transposed matrix (see Packed); o gets memory of its own."""
         self.packed = Packed([self.q_proj, self.k_proj, self.v_proj])
-        self.packed_out = Packed([self.o_proj], transposed=False)
+        _own(self.o_proj)
 
 
 class MLP(nn.Module):
@@ -192,7 +174,6 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=bias, **factory)
         self.down_proj = nn.Linear(inner, hidden, bias=bias, **factory)
         self.packed: Packed | None = None
-        self.packed_out: Packed | None = None
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h + mlp(x)`` for the residual ``h`` and normed ``x``, both ``[N, hidden]``."""
@@ -202,15 +183,12 @@ class MLP(nn.Module):
             gate, up = both[:, :inner], both[:, inner:]  # (slicing is cheaper than chunk)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        act = F.silu(gate).mul_(up)
-        if self.packed_out is not None:
-            return self.packed_out.add_to(h, act)
-        return _residual_linear(h, act, self.down_proj)
+        return _residual_linear(h, F.silu(gate).mul_(up), self.down_proj)
 
     def pack(self) -> None:
-        """Pack gate and up into one transposed matrix, down into memory of its own (Packed)."""
+        """Pack gate and up into one transposed matrix (see Packed); down gets memory of its own."""
         self.packed = Packed([self.gate_proj, self.up_proj])
-        self.packed_out = Packed([self.down_proj], transposed=False)
+        _own(self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -327,8 +305,6 @@ class LlamaPart(nn.Module):
             for owner in (layer.self_attn, layer.mlp):
                 if owner.packed is not None and not owner.packed.intact():
                     owner.packed = None
-                if owner.packed_out is not None and not owner.packed_out.intact():
-                    owner.packed_out = None
         if self._head is not None and not self._head.intact():
             self._head = None
 
