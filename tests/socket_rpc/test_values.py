@@ -13,7 +13,7 @@ import torch
 from socket_rpc import Client, EncodeError, RemoteError
 from socket_rpc.arrays import NUMPY_DTYPES, TORCH_DTYPES
 from socket_rpc.codec import Encoder
-from socket_rpc.wire import pack
+from socket_rpc.wire import pack, pack_text, to_json
 
 from .conftest import Calls
 
@@ -226,3 +226,50 @@ def test_nesting_deeper_than_the_limit_is_refused(client: Client) -> None:
         value = [value]
     with pytest.raises(EncodeError):
         client.echo(value)
+
+
+class _Small(enum.IntEnum):
+    ONE = 1
+
+
+WRITTEN_VALUES = [
+    *PLAIN_VALUES,
+    float("nan"),
+    [_Small.ONE, np.float64(0.5), "x"],
+    np.arange(6, dtype=np.float32),
+    np.arange(6, dtype=">i4").reshape(2, 3),  # big-endian: sent little-endian
+    np.zeros((2, 0, 3), dtype=np.complex64),
+    np.float64(2.5) * np.ones(()),  # 0-d
+    np.arange(16, dtype=np.uint8).reshape(4, 4)[:, ::2],  # not contiguous
+    torch.arange(5, dtype=torch.bfloat16),
+    torch.nn.Parameter(torch.ones(2, 3)),
+    torch.zeros(0, 4),
+    ([np.ones(3), {"k": (torch.ones(2), b"raw")}], {"nested": [np.zeros(1, dtype=bool)]}),
+]
+
+
+@pytest.mark.parametrize("value", WRITTEN_VALUES, ids=lambda v: type(v).__name__)
+def test_written_json_is_the_json_of_the_encoded_tree(value: object) -> None:
+    # The client and server write headers as JSON text directly: the same bytes as the tree.
+    tree_encoder, text_encoder = Encoder(), Encoder()
+    tree = tree_encoder.encode(value)
+    written = text_encoder.write(value)
+    assert written == to_json(tree)
+    assert [bytes(b) for b in text_encoder.buffers] == [bytes(b) for b in tree_encoder.buffers]
+    packed_tree = pack({"kind": "result", "id": 3, "value": tree}, tree_encoder.buffers)
+    packed_text = pack_text('{"kind":"result","id":3,"value":' + written, text_encoder.buffers)
+    assert packed_text.head == packed_tree.head
+    assert [bytes(p) for p in packed_text.parts] == [bytes(p) for p in packed_tree.parts]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), {1: "x"}, [[[[1]]]], np.array(["text"]), 10**5000, torch.zeros(2).to_sparse()],
+    ids=lambda v: type(v).__name__,
+)
+def test_written_json_refuses_what_the_tree_refuses(value: object) -> None:
+    with pytest.raises(EncodeError) as tree_error:
+        pack({"value": Encoder(max_depth=3).encode(value)})
+    with pytest.raises(EncodeError) as text_error:
+        Encoder(max_depth=3).write(value)
+    assert str(text_error.value) == str(tree_error.value)

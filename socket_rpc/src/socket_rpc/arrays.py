@@ -15,6 +15,7 @@ import functools
 import importlib
 import math
 import sys
+from ctypes import c_ubyte as _c_ubyte
 from typing import Any
 
 from .errors import EncodeError, ProtocolError
@@ -68,13 +69,21 @@ TORCH_DTYPES = (
 )
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_TORCH_DTYPE_SET = frozenset(TORCH_DTYPES)
+_TORCH_NAMES: dict[Any, str] = {}  # torch dtype -> wire name, filled as dtypes are sent
+
+
 def _require_little_endian() -> None:
-    if sys.byteorder != "little":
+    if not _LITTLE_ENDIAN:
         raise EncodeError("socket_rpc sends arrays only from little-endian hosts")
 
 
-def encode_numpy(np: Any, array: Any) -> tuple[dict[str, Any], memoryview, Any]:
-    """``(description, bytes view, owner)`` of a numpy array; ``owner`` keeps the bytes alive."""
+def numpy_buffer(np: Any, array: Any) -> tuple[str, tuple[int, ...], memoryview, Any]:
+    """``(wire dtype name, shape, bytes view, owner)`` of a numpy array.
+
+    ``owner`` keeps the bytes alive (the array itself, or the contiguous copy of a view).
+    """
     if type(array) is not np.ndarray:
         if isinstance(array, np.ma.MaskedArray):
             raise EncodeError("masked arrays are not sent (the mask would be lost)")
@@ -88,26 +97,41 @@ def encode_numpy(np: Any, array: Any) -> tuple[dict[str, Any], memoryview, Any]:
             )
         array = array.astype(little)  # big-endian data is sent little-endian
         name = _NUMPY_NAMES[little.str]
-    _require_little_endian()
+    if not _LITTLE_ENDIAN:
+        _require_little_endian()
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)  # only the view's elements, never the whole base
     try:
         view = memoryview(array).cast("B")
     except TypeError:  # formats memoryview cannot cast (complex): go through a uint8 view
         view = memoryview(array.reshape(-1).view(np.uint8))
-    return {"dtype": name, "shape": list(array.shape)}, view, array
+    return name, array.shape, view, array
 
 
-def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, Any]:
-    """``(description, bytes view, owner)`` of a torch tensor (moved to the CPU if elsewhere)."""
-    name = _torch_name(tensor.dtype)
-    if name not in TORCH_DTYPES:
-        raise EncodeError(
-            f"torch dtype {tensor.dtype} is not supported; supported: {', '.join(TORCH_DTYPES)}"
-        )
+def encode_numpy(np: Any, array: Any) -> tuple[dict[str, Any], memoryview, Any]:
+    """``(description, bytes view, owner)`` of a numpy array; ``owner`` keeps the bytes alive."""
+    name, shape, view, owner = numpy_buffer(np, array)
+    return {"dtype": name, "shape": list(shape)}, view, owner
+
+
+def torch_buffer(torch: Any, tensor: Any) -> tuple[str, tuple[int, ...], memoryview, Any]:
+    """``(wire dtype name, shape, bytes view, owner)`` of a torch tensor (moved to the CPU).
+
+    ``owner`` keeps the bytes alive (the tensor the view reads, ``None`` for an empty one).
+    """
+    dtype = tensor.dtype
+    name = _TORCH_NAMES.get(dtype)
+    if name is None:
+        name = _torch_name(dtype)
+        if name not in _TORCH_DTYPE_SET:
+            raise EncodeError(
+                f"torch dtype {dtype} is not supported; supported: {', '.join(TORCH_DTYPES)}"
+            )
+        _TORCH_NAMES[dtype] = name
     if tensor.layout is not torch.strided:
         raise EncodeError(f"only dense tensors are sent, not layout {tensor.layout}")
-    _require_little_endian()
+    if not _LITTLE_ENDIAN:
+        _require_little_endian()
     try:
         if tensor.requires_grad:
             tensor = tensor.detach()
@@ -119,15 +143,19 @@ def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, A
             tensor = tensor.contiguous()  # only the view's elements, never the whole storage
     except (RuntimeError, NotImplementedError) as exc:
         raise EncodeError(f"cannot read the tensor's data: {exc}") from None
-    nbytes = tensor.numel() * tensor.element_size()
-    description = {"dtype": name, "shape": list(tensor.shape)}
+    nbytes = tensor.nbytes  # the view's elements only (numel * element_size), not its storage
     if nbytes == 0:
-        return description, memoryview(b""), None
-    import ctypes
+        return name, tuple(tensor.shape), memoryview(b""), None
+    raw = (_c_ubyte * nbytes).from_address(tensor.data_ptr())
+    # The ctypes array does not own the memory: the tensor is returned as the owner to keep. Its
+    # memoryview is flat, of format "<B" (one unsigned byte per item).
+    return name, tuple(tensor.shape), memoryview(raw), tensor
 
-    raw = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
-    # The ctypes array does not own the memory: the tensor is returned as the owner to keep.
-    return description, memoryview(raw).cast("B"), tensor
+
+def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, Any]:
+    """``(description, bytes view, owner)`` of a torch tensor (moved to the CPU if elsewhere)."""
+    name, shape, view, owner = torch_buffer(torch, tensor)
+    return {"dtype": name, "shape": list(shape)}, view, owner
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,12 +164,19 @@ def _torch_name(dtype: Any) -> str:
 
 
 def _check_shape(shape: Any, max_ndim: int) -> tuple[int, ...]:
+    if type(shape) is list and len(shape) == 1:  # the common case, checked as below
+        dim = shape[0]
+        if type(dim) is int and 0 <= dim < _MAX_DIM:
+            return (dim,)
     if not isinstance(shape, list) or len(shape) > max_ndim:
         raise ProtocolError(f"bad array shape {shape!r}")
     for dim in shape:
-        if type(dim) is not int or not 0 <= dim < 1 << 62:
+        if type(dim) is not int or not 0 <= dim < _MAX_DIM:
             raise ProtocolError(f"bad array dimension {dim!r} in shape {shape!r}")
     return tuple(shape)
+
+
+_MAX_DIM = 1 << 62
 
 
 def _import(name: str) -> Any:
@@ -154,25 +189,31 @@ def _import(name: str) -> Any:
         raise ImportError(f"an array arrived but {name} is not installed on this side") from None
 
 
+_NUMPY_DTYPE_OBJECTS: dict[str, Any] = {}  # wire name -> numpy dtype, made on first use
+
+
 def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     """A numpy array wrapping ``buffer`` (no copy), checked against its description."""
     if not isinstance(description, dict):
         raise ProtocolError("bad ndarray description")
-    wire = NUMPY_DTYPES.get(description.get("dtype"))  # type: ignore[arg-type]
+    name = description.get("dtype")
+    wire = NUMPY_DTYPES.get(name)  # type: ignore[arg-type]
     if wire is None:
-        raise ProtocolError(f"unsupported numpy dtype {description.get('dtype')!r}")
+        raise ProtocolError(f"unsupported numpy dtype {name!r}")
     shape = _check_shape(description.get("shape"), max_ndim)
     np = _import("numpy")
-    dtype = np.dtype(wire)
-    count = math.prod(shape)
+    dtype = _NUMPY_DTYPE_OBJECTS.get(name)  # type: ignore[arg-type]
+    if dtype is None:
+        dtype = _NUMPY_DTYPE_OBJECTS[name] = np.dtype(wire)  # type: ignore[index]
+    count = shape[0] if len(shape) == 1 else math.prod(shape)
     if count * dtype.itemsize != buffer.nbytes:
         raise ProtocolError(
-            f"array of shape {shape} and dtype {description['dtype']} needs "
+            f"array of shape {shape} and dtype {name} needs "
             f"{count * dtype.itemsize} bytes, its buffer has {buffer.nbytes}"
         )
     if count == 0:
         return np.empty(shape, dtype)
-    array = np.frombuffer(buffer, dtype=dtype, count=count)
+    array = np.frombuffer(buffer, dtype)  # the buffer holds exactly ``count`` items
     return array if len(shape) == 1 else array.reshape(shape)
 
 
@@ -181,14 +222,14 @@ def decode_torch(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     if not isinstance(description, dict):
         raise ProtocolError("bad tensor description")
     name = description.get("dtype")
-    if name not in TORCH_DTYPES:
+    if type(name) is not str or name not in _TORCH_DTYPE_SET:
         raise ProtocolError(f"unsupported torch dtype {name!r}")
     shape = _check_shape(description.get("shape"), max_ndim)
     torch = _import("torch")
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ProtocolError(f"torch dtype {name!r} does not exist in this torch version")
-    count = math.prod(shape)
+    count = shape[0] if len(shape) == 1 else math.prod(shape)
     itemsize = dtype.itemsize
     if count * itemsize != buffer.nbytes:
         raise ProtocolError(
@@ -197,5 +238,5 @@ def decode_torch(description: Any, buffer: memoryview, max_ndim: int) -> Any:
         )
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    tensor = torch.frombuffer(buffer, dtype=dtype, count=count)
+    tensor = torch.frombuffer(buffer, dtype=dtype)  # the buffer holds exactly ``count`` items
     return tensor if len(shape) == 1 else tensor.reshape(shape)

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from .auth import client_handshake, token_bytes
-from .codec import Decoder, Encoder
+from .codec import Decoder, Encoder, json_string
 from .errors import (
     ProtocolError,
     RemoteError,
@@ -21,7 +21,7 @@ from .errors import (
     UnknownFunctionError,
 )
 from .limits import Limits
-from .wire import DEFAULT_SPIN, Channel, Frame, check_spin, pack
+from .wire import DEFAULT_SPIN, Channel, Frame, check_spin, pack_text, to_json
 
 __all__ = ["Client", "RemoteFunction"]
 
@@ -139,15 +139,15 @@ class Client:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         encoder = Encoder(self._limits.max_depth)
-        header = {
-            "kind": "call",
-            "id": next(self._ids),
-            "function": name,
-            "args": [encoder.encode(a) for a in args],
-        }
+        call_id = next(self._ids)
+        # The header {"kind": "call", "id", "function", "args", ["kwargs"]} written as JSON text
+        # directly (the same bytes as pack() of the dict of encoded trees would write).
+        function = json_string(name) if type(name) is str else to_json(name)
+        written = ",".join([encoder.write(a) for a in args])
+        start = f'{{"kind":"call","id":{call_id},"function":{function},"args":[{written}]'
         if kwargs:
-            header["kwargs"] = encoder.encode(kwargs)
-        message = pack(header, encoder.buffers, encoder.owners)
+            start += ',"kwargs":' + encoder.write(kwargs)
+        message = pack_text(start, encoder.buffers, encoder.owners)
         channel = self._acquire()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -157,7 +157,7 @@ class Client:
                 raise RPCConnectionError(
                     f"{self.host}:{self.port} closed the connection during call {name!r}"
                 )
-            result = self._result(frame, header["id"], name)
+            result = self._result(frame, call_id, name)
             del frame
         except RemoteError:
             self._release(channel)
@@ -181,6 +181,8 @@ class Client:
     def _result(self, frame: Frame, call_id: int, name: str) -> Any:
         header = frame.header
         kind = header.get("kind")
+        if kind == "result" and header.get("id") == call_id:  # the usual case, checked first
+            return Decoder(frame.buffers, self._limits).decode(header.get("value"))
         if kind == "error" and header.get("id") is None:
             raise ProtocolError(f"the server refused the call {name!r}: {header.get('message')}")
         if header.get("id") != call_id:

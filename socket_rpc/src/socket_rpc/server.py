@@ -18,7 +18,7 @@ from .auth import server_handshake, token_bytes
 from .codec import Decoder, Encoder
 from .errors import AuthenticationError, EncodeError, ProtocolError, SocketRPCError
 from .limits import Limits
-from .wire import DEFAULT_SPIN, Channel, Frame, check_spin, pack
+from .wire import DEFAULT_SPIN, Channel, Frame, check_spin, pack, pack_text
 
 __all__ = ["Server", "exposed"]
 
@@ -342,9 +342,10 @@ class Server:
             return self._error(call_id, _type_name(exc), str(exc), tb)
         encoder = Encoder(self._limits.max_depth)
         try:
-            tree = encoder.encode(result)
-            reply = {"kind": "result", "id": call_id, "value": tree}
-            return pack(reply, encoder.buffers, encoder.owners)
+            # {"kind": "result", "id", "value"} written as JSON text directly (as pack() would)
+            written = encoder.write(result)
+            start = f'{{"kind":"result","id":{call_id},"value":{written}'
+            return pack_text(start, encoder.buffers, encoder.owners)
         except EncodeError as exc:
             message = f"the return value of {name!r} cannot be sent: {exc}"
             return self._error(call_id, "EncodeError", message, "")

@@ -31,7 +31,6 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import EncodeError, ProtocolError, RPCConnectionError, RPCTimeoutError
@@ -40,6 +39,9 @@ from .limits import Limits
 MAGIC = b"SRPC"
 PROTOCOL_VERSION = 1
 PREFIX = struct.Struct("<4sHHIQ")
+_PREFIX_SIZE = PREFIX.size
+_PREFIX_PACK = PREFIX.pack
+_PREFIX_UNPACK = PREFIX.unpack_from
 ALIGN = 64
 
 _STAGING_BYTES = 256 * 1024
@@ -92,29 +94,43 @@ def _json_encoder() -> Any:
 
 
 # Stateless helpers made once: the C JSON encoder without the per-call set-up of json.dumps.
-_to_json = _json_encoder()
+to_json = _json_encoder()
+"""``to_json(obj)``: compact JSON text of ``obj`` (json's C encoder, made once)."""
 _scan_json = json.JSONDecoder().scan_once  # raw_decode without its Python wrapper
 _IOV_MAX = 512
 _ZEROS = bytes(ALIGN)
 _CLOSED_MID_MESSAGE = "the peer closed the connection in the middle of a message"
 
 
-@dataclass
 class Frame:
     """One received message: its decoded JSON header and its raw buffers (views on one body)."""
 
-    header: dict[str, Any]
-    buffers: list[memoryview]
+    __slots__ = ("header", "buffers")
+
+    def __init__(self, header: dict[str, Any], buffers: list[memoryview]) -> None:
+        self.header = header
+        self.buffers = buffers
+
+    def __repr__(self) -> str:
+        return f"Frame(header={self.header!r}, buffers={self.buffers!r})"
 
 
-@dataclass
 class Packed:
-    """A message ready to send: prefix and header in ``head``, then the body ``parts``."""
+    """A message ready to send: prefix and header in ``head``, then the body ``parts``.
 
-    head: bytes
-    parts: list[Any]
-    size: int
-    owners: Any = None
+    ``size`` is the whole message's length; ``owners`` are kept with it until it is sent.
+    """
+
+    __slots__ = ("head", "parts", "size", "owners")
+
+    def __init__(self, head: bytes, parts: list[Any], size: int, owners: Any = None) -> None:
+        self.head = head
+        self.parts = parts
+        self.size = size
+        self.owners = owners
+
+    def __repr__(self) -> str:
+        return f"Packed(head={self.head!r}, parts={self.parts!r}, size={self.size})"
 
 
 def pack(header: dict[str, Any], buffers: Sequence[memoryview] = (), owners: Any = None) -> Packed:
@@ -125,23 +141,49 @@ def pack(header: dict[str, Any], buffers: Sequence[memoryview] = (), owners: Any
     with the message until it is sent. Raises :class:`EncodeError` if the header cannot be
     written as JSON.
     """
-    parts: list[Any] = []
-    end = 0
     if buffers:
         header["buffers"] = [view.nbytes for view in buffers]  # absent means none
-        for view in buffers:
-            if view.nbytes:  # empty buffers take no room and need no padding
-                pad = -end % ALIGN
-                if pad:
-                    parts.append(_ZEROS[:pad])
-                    end += pad
-                parts.append(view)
-                end += view.nbytes
     try:
-        header_bytes = _to_json(header).encode()
+        text = to_json(header)
     except ValueError as exc:  # e.g. an int too long to print
         raise EncodeError(f"cannot encode the message header: {exc}") from None
-    head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), end) + header_bytes
+    return _lay_out(text.encode(), buffers, owners)
+
+
+def pack_text(start: str, buffers: Sequence[memoryview] = (), owners: Any = None) -> Packed:
+    """:func:`pack` of a header already written as JSON text, less its closing brace.
+
+    ``start`` is the compact JSON of the header object without the final ``}`` (for instance
+    ``'{"kind":"result","id":7,"value":null'``) and must not have a ``"buffers"`` key: the
+    ``"buffers"`` entry is appended here, last, as :func:`pack` writes it.
+    """
+    if not buffers:
+        header_bytes = (start + "}").encode()
+        head = _PREFIX_PACK(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), 0) + header_bytes
+        return Packed(head, [], len(head), owners)
+    if len(buffers) == 1:
+        view = buffers[0]
+        nbytes = view.nbytes
+        header_bytes = f'{start},"buffers":[{nbytes}]}}'.encode()
+        head = _PREFIX_PACK(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), nbytes) + header_bytes
+        return Packed(head, [view] if nbytes else [], len(head) + nbytes, owners)
+    sizes = ",".join([str(view.nbytes) for view in buffers])
+    return _lay_out(f'{start},"buffers":[{sizes}]}}'.encode(), buffers, owners)
+
+
+def _lay_out(header_bytes: bytes, buffers: Sequence[memoryview], owners: Any) -> Packed:
+    """The prefix, the header and the body parts of a message (buffers 64-byte aligned)."""
+    parts: list[Any] = []
+    end = 0
+    for view in buffers:
+        if view.nbytes:  # empty buffers take no room and need no padding
+            pad = -end % ALIGN
+            if pad:
+                parts.append(_ZEROS[:pad])
+                end += pad
+            parts.append(view)
+            end += view.nbytes
+    head = _PREFIX_PACK(MAGIC, PROTOCOL_VERSION, 0, len(header_bytes), end) + header_bytes
     return Packed(head, parts, len(head) + end, owners)
 
 
@@ -215,18 +257,24 @@ class Channel:
 
     def send(self, message: Packed, deadline: float | None = None) -> None:
         """Send one packed message (see :func:`pack`)."""
-        self._arm(deadline)
+        if deadline is not None or self._timeout is not None:
+            self._arm(deadline)
+        parts = message.parts
         try:
-            if not message.parts:
+            if not parts:
                 self.sock.sendall(message.head)
             elif self._tls and message.size <= _SMALL_MESSAGE:
-                self.sock.sendall(b"".join([message.head, *message.parts]))  # one TLS record
+                self.sock.sendall(b"".join([message.head, *parts]))  # one TLS record
             elif self._tls:
                 self.sock.sendall(message.head)
-                for part in message.parts:
+                for part in parts:
                     self.sock.sendall(part)
+            elif len(parts) < _IOV_MAX:
+                sent = self.sock.sendmsg([message.head, *parts])
+                if sent != message.size:
+                    _sendmsg_all(self.sock, [message.head, *parts], sent)
             else:
-                _sendmsg_all(self.sock, [memoryview(message.head), *message.parts])
+                _sendmsg_all(self.sock, [message.head, *parts])
         except TimeoutError:
             raise RPCTimeoutError("timed out while sending") from None
 
@@ -249,9 +297,7 @@ class Channel:
         self._start = self._end = 0
         sock = self.sock
         view = self._staging_view
-        until = time.monotonic() + self.spin
-        if deadline is not None and deadline < until:
-            until = deadline
+        until = None  # set when the first attempt finds nothing
         flags = _MSG_DONTWAIT
         if self._timeout is not None or not flags:
             # A socket with a timeout polls before each receive: make it non-blocking instead.
@@ -264,7 +310,12 @@ class Channel:
             try:
                 n = sock.recv_into(view, 0, flags)
             except (BlockingIOError, InterruptedError):
-                if time.monotonic() >= until:
+                now = time.monotonic()
+                if until is None:
+                    until = now + self.spin
+                    if deadline is not None and deadline < until:
+                        until = deadline
+                if now >= until:
                     return True
                 # Let a thread waiting for this CPU run (often the peer we wait for, woken onto
                 # this CPU): without it, a busy machine turns every spin into a full-length one.
@@ -320,9 +371,10 @@ class Channel:
             RPCTimeoutError: the deadline passed.
         """
         limits = limits or self.limits
-        if self._end - self._start < PREFIX.size and not self._fill_prefix(deadline):
+        if self._end - self._start < _PREFIX_SIZE and not self._fill_prefix(deadline):
             return None
-        magic, version, flags, header_len, body_len = PREFIX.unpack_from(self._staging, self._start)
+        start = self._start
+        magic, version, flags, header_len, body_len = _PREFIX_UNPACK(self._staging, start)
         if (
             magic != MAGIC
             or version != PROTOCOL_VERSION
@@ -331,11 +383,27 @@ class Channel:
             or body_len > limits.max_body_bytes
         ):
             _refuse_prefix(magic, version, flags, header_len, body_len, limits)
-        self._start += PREFIX.size
-        header = self._read_header(header_len, deadline)
+        start += _PREFIX_SIZE
+        header_end = start + header_len
+        if header_end <= self._end:  # the whole header is staged (the usual case)
+            self._start = header_end
+            header = _parse_header(self._staging_view[start:header_end])
+        else:
+            self._start = start
+            header = _parse_header(self._read_header(header_len, deadline))
         sizes = header.get("buffers")
-        if sizes is None and not body_len:
-            return Frame(header, [])
+        if sizes is None:
+            if not body_len:
+                return Frame(header, [])
+        elif (
+            type(sizes) is list
+            and len(sizes) == 1
+            and body_len
+            and type(sizes[0]) is int
+            and sizes[0] == body_len
+            and limits.max_buffers
+        ):  # one buffer filling the body: what _buffer_layout would accept, checked directly
+            return Frame(header, [self._body(body_len, deadline)])
         offsets, expected = _buffer_layout(sizes, limits)
         if expected != body_len:
             raise ProtocolError(
@@ -343,14 +411,18 @@ class Channel:
             )
         if body_len == 0:
             return Frame(header, [memoryview(b"")] * len(sizes))
-        if self._end - self._start >= body_len:
-            body: Any = self._staging[self._start : self._start + body_len]
-            self._start += body_len
-        else:
-            body = self._body_buffer(body_len)
-            self._read_exact(body_len, deadline, body)
-        whole = memoryview(body)
+        whole = self._body(body_len, deadline)
         return Frame(header, [whole[o : o + s] for o, s in zip(offsets, sizes, strict=True)])
+
+    def _body(self, body_len: int, deadline: float | None) -> memoryview:
+        """The next ``body_len`` bytes in a buffer of their own (never the staging buffer)."""
+        start = self._start
+        if self._end - start >= body_len:  # staged: copied out, the staging buffer is reused
+            self._start = start + body_len
+            return memoryview(self._staging[start : start + body_len])
+        body = self._body_buffer(body_len)
+        self._read_exact(body_len, deadline, body)
+        return memoryview(body)
 
     def _body_buffer(self, nbytes: int) -> Any:
         """A buffer for a large body: the spare one if nothing references it any more, else new.
@@ -370,27 +442,16 @@ class Channel:
             self._spare = body
         return body
 
-    def _read_header(self, header_len: int, deadline: float | None) -> dict[str, Any]:
+    def _read_header(self, header_len: int, deadline: float | None) -> Any:
+        """The header's bytes when they are not all staged yet."""
         if header_len <= _STAGING_BYTES:
-            if self._end - self._start < header_len:
-                self._fill(header_len, deadline)
-            raw: Any = self._staging_view[self._start : self._start + header_len]
+            self._fill(header_len, deadline)
+            raw = self._staging_view[self._start : self._start + header_len]
             self._start += header_len
-        else:
-            raw = bytearray(header_len)
-            self._read_exact(header_len, deadline, raw)
-        try:
-            text = str(raw, "utf-8")
-            header, end = _scan_json(text, 0)
-        except StopIteration:  # what the scanner raises where no JSON value starts
-            raise ProtocolError("the message header is not valid JSON: expecting a value") from None
-        except (ValueError, RecursionError) as exc:
-            raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
-        if end != len(text):
-            raise ProtocolError("the message header has bytes after its JSON object")
-        if not isinstance(header, dict):
-            raise ProtocolError("the message header must be a JSON object")
-        return header
+            return raw
+        raw = bytearray(header_len)
+        self._read_exact(header_len, deadline, raw)
+        return raw
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -464,13 +525,31 @@ def _refuse_prefix(
     raise ProtocolError(f"body of {body_len} bytes is over the limit of {limits.max_body_bytes}")
 
 
-def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
-    """``sendall`` of a list of buffers through ``sendmsg``: no copy, few syscalls."""
+def _parse_header(raw: Any) -> dict[str, Any]:
+    """The JSON object in the header bytes ``raw``; :class:`ProtocolError` if it is not one."""
+    try:
+        text = str(raw, "utf-8")
+        header, end = _scan_json(text, 0)
+    except StopIteration:  # what the scanner raises where no JSON value starts
+        raise ProtocolError("the message header is not valid JSON: expecting a value") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
+    if end != len(text):
+        raise ProtocolError("the message header has bytes after its JSON object")
+    if type(header) is not dict:
+        raise ProtocolError("the message header must be a JSON object")
+    return header
+
+
+def _sendmsg_all(sock: socket.socket, parts: list[Any], sent: int = 0) -> None:
+    """``sendall`` of a list of buffers through ``sendmsg``: no copy, few syscalls.
+
+    ``sent`` bytes of them have gone already.
+    """
     views = [p if isinstance(p, memoryview) else memoryview(p) for p in parts]
     i = 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
-        while sent:
+    while True:
+        while sent:  # skip what has been sent
             size = views[i].nbytes
             if sent >= size:
                 sent -= size
@@ -478,3 +557,6 @@ def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
             else:
                 views[i] = views[i][sent:]
                 sent = 0
+        if i >= len(views):
+            return
+        sent = sock.sendmsg(views[i : i + _IOV_MAX])
