@@ -39,6 +39,7 @@ NUMPY_DTYPES = {
 }
 
 _NUMPY_NAMES = {wire: name for name, wire in NUMPY_DTYPES.items()}
+_NUMPY_NAME_OF: dict[Any, str] = {}  # numpy dtype -> wire name, filled as dtypes are sent
 
 # torch dtypes with a fixed byte layout. bfloat16 and the float8 formats have no numpy dtype:
 # they travel as their raw bytes with this name as the tag. Quantized dtypes (which need a scale
@@ -72,6 +73,8 @@ TORCH_DTYPES = (
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _TORCH_DTYPE_SET = frozenset(TORCH_DTYPES)
 _TORCH_NAMES: dict[Any, str] = {}  # torch dtype -> wire name, filled as dtypes are sent
+_TORCH_COMPLEX = frozenset(("complex32", "complex64", "complex128"))
+_TORCH_DTYPE_OF: dict[str, Any] = {}  # wire name -> torch dtype, filled as dtypes arrive
 
 
 def _require_little_endian() -> None:
@@ -88,21 +91,28 @@ def numpy_buffer(np: Any, array: Any) -> tuple[str, tuple[int, ...], memoryview,
         if isinstance(array, np.ma.MaskedArray):
             raise EncodeError("masked arrays are not sent (the mask would be lost)")
         array = np.asarray(array)
-    name = _NUMPY_NAMES.get(array.dtype.str)
+    dtype = array.dtype
+    name = _NUMPY_NAME_OF.get(dtype)
     if name is None:
-        little = array.dtype.newbyteorder("<") if array.dtype.fields is None else None
-        if little is None or little.str not in _NUMPY_NAMES:
-            raise EncodeError(
-                f"numpy dtype {array.dtype} is not supported; supported: {', '.join(NUMPY_DTYPES)}"
-            )
-        array = array.astype(little)  # big-endian data is sent little-endian
-        name = _NUMPY_NAMES[little.str]
+        name = _NUMPY_NAMES.get(dtype.str)
+        if name is not None:
+            _NUMPY_NAME_OF[dtype] = name
+        else:
+            little = dtype.newbyteorder("<") if dtype.fields is None else None
+            if little is None or little.str not in _NUMPY_NAMES:
+                raise EncodeError(
+                    f"numpy dtype {dtype} is not supported; supported: {', '.join(NUMPY_DTYPES)}"
+                )
+            array = array.astype(little)  # big-endian data is sent little-endian
+            name = _NUMPY_NAMES[little.str]
     if not _LITTLE_ENDIAN:
         _require_little_endian()
-    if not array.flags.c_contiguous:
+    view = memoryview(array)
+    if not view.c_contiguous:
         array = np.ascontiguousarray(array)  # only the view's elements, never the whole base
+        view = memoryview(array)
     try:
-        view = memoryview(array).cast("B")
+        view = view.cast("B")
     except TypeError:  # formats memoryview cannot cast (complex): go through a uint8 view
         view = memoryview(array.reshape(-1).view(np.uint8))
     return name, array.shape, view, array
@@ -137,19 +147,21 @@ def torch_buffer(torch: Any, tensor: Any) -> tuple[str, tuple[int, ...], memoryv
             tensor = tensor.detach()
         if not tensor.is_cpu:
             tensor = tensor.cpu()
-        if tensor.is_conj() or tensor.is_neg():
+        # Only complex tensors can have the conjugate bit; any can have the negative bit.
+        if (name in _TORCH_COMPLEX and tensor.is_conj()) or tensor.is_neg():
             tensor = tensor.resolve_conj().resolve_neg()
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()  # only the view's elements, never the whole storage
     except (RuntimeError, NotImplementedError) as exc:
         raise EncodeError(f"cannot read the tensor's data: {exc}") from None
     nbytes = tensor.nbytes  # the view's elements only (numel * element_size), not its storage
+    shape = tensor.shape  # a torch.Size: a tuple of ints
     if nbytes == 0:
-        return name, tuple(tensor.shape), memoryview(b""), None
+        return name, shape, memoryview(b""), None
     raw = (_c_ubyte * nbytes).from_address(tensor.data_ptr())
     # The ctypes array does not own the memory: the tensor is returned as the owner to keep. Its
     # memoryview is flat, of format "<B" (one unsigned byte per item).
-    return name, tuple(tensor.shape), memoryview(raw), tensor
+    return name, shape, memoryview(raw), tensor
 
 
 def encode_torch(torch: Any, tensor: Any) -> tuple[dict[str, Any], memoryview, Any]:
@@ -164,16 +176,22 @@ def _torch_name(dtype: Any) -> str:
 
 
 def _check_shape(shape: Any, max_ndim: int) -> tuple[int, ...]:
-    if type(shape) is list and len(shape) == 1:  # the common case, checked as below
-        dim = shape[0]
-        if type(dim) is int and 0 <= dim < _MAX_DIM:
-            return (dim,)
     if not isinstance(shape, list) or len(shape) > max_ndim:
         raise ProtocolError(f"bad array shape {shape!r}")
     for dim in shape:
         if type(dim) is not int or not 0 <= dim < _MAX_DIM:
             raise ProtocolError(f"bad array dimension {dim!r} in shape {shape!r}")
     return tuple(shape)
+
+
+def _shape_and_count(shape: Any, max_ndim: int) -> tuple[tuple[int, ...], int]:
+    """The checked shape (see ``_check_shape``) and its number of elements."""
+    if type(shape) is list and len(shape) == 1 and max_ndim:  # the common case, checked directly
+        count = shape[0]
+        if type(count) is int and 0 <= count < _MAX_DIM:
+            return (count,), count
+    shape = _check_shape(shape, max_ndim)
+    return shape, math.prod(shape)
 
 
 _MAX_DIM = 1 << 62
@@ -194,22 +212,21 @@ _NUMPY_DTYPE_OBJECTS: dict[str, Any] = {}  # wire name -> numpy dtype, made on f
 
 def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     """A numpy array wrapping ``buffer`` (no copy), checked against its description."""
-    if not isinstance(description, dict):
+    if type(description) is not dict and not isinstance(description, dict):
         raise ProtocolError("bad ndarray description")
     name = description.get("dtype")
-    wire = NUMPY_DTYPES.get(name)  # type: ignore[arg-type]
-    if wire is None:
+    dtype = _NUMPY_DTYPE_OBJECTS.get(name)  # made once numpy is imported
+    if dtype is None and name not in NUMPY_DTYPES:
         raise ProtocolError(f"unsupported numpy dtype {name!r}")
-    shape = _check_shape(description.get("shape"), max_ndim)
-    np = _import("numpy")
-    dtype = _NUMPY_DTYPE_OBJECTS.get(name)  # type: ignore[arg-type]
+    shape, count = _shape_and_count(description.get("shape"), max_ndim)
+    np = sys.modules.get("numpy") or _import("numpy")
     if dtype is None:
-        dtype = _NUMPY_DTYPE_OBJECTS[name] = np.dtype(wire)  # type: ignore[index]
-    count = shape[0] if len(shape) == 1 else math.prod(shape)
-    if count * dtype.itemsize != buffer.nbytes:
+        dtype = _NUMPY_DTYPE_OBJECTS[name] = np.dtype(NUMPY_DTYPES[name])
+    nbytes = count * dtype.itemsize
+    if nbytes != buffer.nbytes:
         raise ProtocolError(
-            f"array of shape {shape} and dtype {name} needs "
-            f"{count * dtype.itemsize} bytes, its buffer has {buffer.nbytes}"
+            f"array of shape {shape} and dtype {name} needs {nbytes} bytes, "
+            f"its buffer has {buffer.nbytes}"
         )
     if count == 0:
         return np.empty(shape, dtype)
@@ -219,17 +236,19 @@ def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
 
 def decode_torch(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     """A CPU torch tensor wrapping ``buffer`` (no copy), checked against its description."""
-    if not isinstance(description, dict):
+    if type(description) is not dict and not isinstance(description, dict):
         raise ProtocolError("bad tensor description")
     name = description.get("dtype")
     if type(name) is not str or name not in _TORCH_DTYPE_SET:
         raise ProtocolError(f"unsupported torch dtype {name!r}")
-    shape = _check_shape(description.get("shape"), max_ndim)
-    torch = _import("torch")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ProtocolError(f"torch dtype {name!r} does not exist in this torch version")
-    count = shape[0] if len(shape) == 1 else math.prod(shape)
+    shape, count = _shape_and_count(description.get("shape"), max_ndim)
+    torch = sys.modules.get("torch") or _import("torch")
+    dtype = _TORCH_DTYPE_OF.get(name)
+    if dtype is None:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ProtocolError(f"torch dtype {name!r} does not exist in this torch version")
+        _TORCH_DTYPE_OF[name] = dtype
     itemsize = dtype.itemsize
     if count * itemsize != buffer.nbytes:
         raise ProtocolError(

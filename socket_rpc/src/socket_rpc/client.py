@@ -29,12 +29,15 @@ __all__ = ["Client", "RemoteFunction"]
 class RemoteFunction:
     """A remote function bound to a client: ``client.forward(x)`` calls ``"forward"``."""
 
+    __slots__ = ("_client", "name")
+
     def __init__(self, client: Client, name: str) -> None:
         self._client = client
         self.name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._client.call(self.name, *args, **kwargs)
+        client = self._client
+        return client._call(self.name, args, kwargs, client.timeout)  # as client.call does
 
     def __repr__(self) -> str:
         return f"<remote function {self.name!r} on {self._client!r}>"
@@ -143,7 +146,10 @@ class Client:
         # The header {"kind": "call", "id", "function", "args", ["kwargs"]} written as JSON text
         # directly (the same bytes as pack() of the dict of encoded trees would write).
         function = json_string(name) if type(name) is str else to_json(name)
-        written = ",".join([encoder.write(a) for a in args])
+        if len(args) == 1:
+            written = encoder.write(args[0])
+        else:
+            written = ",".join([encoder.write(a) for a in args])
         start = f'{{"kind":"call","id":{call_id},"function":{function},"args":[{written}]'
         if kwargs:
             start += ',"kwargs":' + encoder.write(kwargs)
@@ -157,8 +163,12 @@ class Client:
                 raise RPCConnectionError(
                     f"{self.host}:{self.port} closed the connection during call {name!r}"
                 )
-            result = self._result(frame, call_id, name)
-            del frame
+            header = frame.header
+            if header.get("kind") == "result" and header.get("id") == call_id:  # the usual case
+                result = Decoder(frame.buffers, self._limits).decode(header.get("value"))
+            else:
+                result = self._result(frame, call_id, name)
+            del frame, header
         except RemoteError:
             self._release(channel)
             raise
@@ -175,14 +185,16 @@ class Client:
         except BaseException:
             channel.close()  # the connection's state is unknown: never reuse it
             raise
-        self._release(channel)
+        with self._lock:  # _release, inlined
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(channel)
+                return result
+        channel.close()
         return result
 
     def _result(self, frame: Frame, call_id: int, name: str) -> Any:
         header = frame.header
         kind = header.get("kind")
-        if kind == "result" and header.get("id") == call_id:  # the usual case, checked first
-            return Decoder(frame.buffers, self._limits).decode(header.get("value"))
         if kind == "error" and header.get("id") is None:
             raise ProtocolError(f"the server refused the call {name!r}: {header.get('message')}")
         if header.get("id") != call_id:

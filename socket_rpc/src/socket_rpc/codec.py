@@ -68,6 +68,8 @@ def _refuse(value: Any) -> EncodeError:
     )
 
 
+_decode_numpy = arrays.decode_numpy
+_decode_torch = arrays.decode_torch
 _PLAIN_BASES = (bool, int, float, str, bytes, list, tuple, dict)
 
 
@@ -214,10 +216,14 @@ class Decoder:
             raise ProtocolError(f"malformed value in the message: {_short(tree)}")
         ((tag, body),) = tree.items()
         if (tag == "ndarray" or tag == "tensor") and type(body) is dict:
-            decode = arrays.decode_numpy if tag == "ndarray" else arrays.decode_torch
-            buffer = self._take(body.get("buffer"))
+            decode = _decode_numpy if tag == "ndarray" else _decode_torch
+            index = body.get("buffer")
+            buffers = self._buffers
+            if type(index) is not int or not 0 <= index < len(buffers) or self._used[index]:
+                self._take(index)  # raises the error that says which
+            self._used[index] = True
             try:
-                return decode(body, buffer, self._limits.max_ndim)
+                return decode(body, buffers[index], self._limits.max_ndim)
             except (ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as exc:
                 raise ProtocolError(f"cannot build the {tag} {_short(body)}: {exc}") from None
         if tag == "tuple" and type(body) is list:

@@ -371,9 +371,12 @@ class Channel:
             RPCTimeoutError: the deadline passed.
         """
         limits = limits or self.limits
-        if self._end - self._start < _PREFIX_SIZE and not self._fill_prefix(deadline):
-            return None
         start = self._start
+        if self._end - start < _PREFIX_SIZE:
+            if not self._fill_prefix(deadline):
+                return None
+            start = self._start
+        staged = self._end
         magic, version, flags, header_len, body_len = _PREFIX_UNPACK(self._staging, start)
         if (
             magic != MAGIC
@@ -384,13 +387,26 @@ class Channel:
         ):
             _refuse_prefix(magic, version, flags, header_len, body_len, limits)
         start += _PREFIX_SIZE
-        header_end = start + header_len
-        if header_end <= self._end:  # the whole header is staged (the usual case)
-            self._start = header_end
-            header = _parse_header(self._staging_view[start:header_end])
+        end = start + header_len
+        if end <= staged:  # the whole header is staged (the usual case)
+            raw: Any = self._staging_view[start:end]
+            self._start = start = end
         else:
             self._start = start
-            header = _parse_header(self._read_header(header_len, deadline))
+            raw = self._read_header(header_len, deadline)
+            start, staged = self._start, self._end
+        # The header: one JSON object, nothing after it.
+        try:
+            text = str(raw, "utf-8")
+            header, parsed = _scan_json(text, 0)
+        except StopIteration:  # what the scanner raises where no JSON value starts
+            raise ProtocolError("the message header is not valid JSON: expecting a value") from None
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
+        if parsed != len(text):
+            raise ProtocolError("the message header has bytes after its JSON object")
+        if type(header) is not dict:
+            raise ProtocolError("the message header must be a JSON object")
         sizes = header.get("buffers")
         if sizes is None:
             if not body_len:
@@ -403,6 +419,9 @@ class Channel:
             and sizes[0] == body_len
             and limits.max_buffers
         ):  # one buffer filling the body: what _buffer_layout would accept, checked directly
+            if staged - start >= body_len:  # staged: copied out, the staging buffer is reused
+                self._start = start + body_len
+                return Frame(header, [memoryview(self._staging[start : start + body_len])])
             return Frame(header, [self._body(body_len, deadline)])
         offsets, expected = _buffer_layout(sizes, limits)
         if expected != body_len:
@@ -463,7 +482,15 @@ class Channel:
         """
         if self._end != self._start or (self._tls and self.sock.pending()):
             return False
-        if not self._readable_now():
+        poller = self._poller
+        if poller is not None:  # _readable_now's usual case, inlined
+            try:
+                readable = bool(poller.poll(0))
+            except (OSError, ValueError):
+                readable = True
+        else:
+            readable = self._readable_now()
+        if not readable:
             return True
         if not self._tls:
             return False
@@ -523,22 +550,6 @@ def _refuse_prefix(
             f"header of {header_len} bytes is over the limit of {limits.max_header_bytes}"
         )
     raise ProtocolError(f"body of {body_len} bytes is over the limit of {limits.max_body_bytes}")
-
-
-def _parse_header(raw: Any) -> dict[str, Any]:
-    """The JSON object in the header bytes ``raw``; :class:`ProtocolError` if it is not one."""
-    try:
-        text = str(raw, "utf-8")
-        header, end = _scan_json(text, 0)
-    except StopIteration:  # what the scanner raises where no JSON value starts
-        raise ProtocolError("the message header is not valid JSON: expecting a value") from None
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"the message header is not valid JSON: {exc}") from None
-    if end != len(text):
-        raise ProtocolError("the message header has bytes after its JSON object")
-    if type(header) is not dict:
-        raise ProtocolError("the message header must be a JSON object")
-    return header
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[Any], sent: int = 0) -> None:
