@@ -27,6 +27,7 @@ from socket_rpc import (
     Server,
 )
 from socket_rpc.auth import client_handshake
+from socket_rpc.codec import Decoder, Encoder
 from socket_rpc.wire import MAGIC, PREFIX, PROTOCOL_VERSION, Channel, pack
 
 from .conftest import Calls, make_server, tls_contexts
@@ -271,8 +272,6 @@ def test_a_pickle_payload_is_never_executed(
 
 def _valid_call() -> bytes:
     x = np.arange(10, dtype=np.float32)
-    from socket_rpc.codec import Encoder
-
     encoder = Encoder()
     tree = encoder.encode(x)
     message = pack({"kind": "call", "id": 1, "function": "echo", "args": [tree],
@@ -338,3 +337,30 @@ def test_limits_are_configurable_and_apply_to_the_client_too() -> None:
 def test_struct_layout_is_the_documented_one() -> None:
     prefix = _prefix(3, 5)
     assert prefix == b"SRPC" + struct.pack("<HHIQ", 1, 0, 3, 5)
+
+
+@pytest.mark.parametrize(
+    ("limits", "match"),
+    [
+        (Limits(max_buffers=0), "buffers is over the limit of 0"),
+        (Limits(max_ndim=0), "bad array shape"),
+        (Limits(max_body_bytes=39), "body of 40 bytes is over the limit of 39"),
+    ],
+)
+def test_one_array_messages_are_checked_against_every_limit(limits: Limits, match: str) -> None:
+    # One buffer filling the body is the common message: its shortcut checks the same limits.
+    a, b = socket.socketpair()
+    with a, b:
+        channel = Channel(b, limits)
+        x = np.arange(10, dtype=np.float32)
+        a.sendall(_valid_call_with(x))
+        with pytest.raises(ProtocolError, match=match):
+            frame = channel.receive()
+            assert frame is not None
+            Decoder(frame.buffers, limits).decode(frame.header["args"])
+
+
+def _valid_call_with(x: np.ndarray) -> bytes:
+    encoder = Encoder()
+    message = pack({"kind": "call", "id": 1, "args": [encoder.encode(x)]}, encoder.buffers)
+    return message.head + b"".join(bytes(p) for p in message.parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import json
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from socket_rpc import Client, EncodeError, RemoteError
 from socket_rpc.arrays import NUMPY_DTYPES, TORCH_DTYPES
 from socket_rpc.codec import Encoder
-from socket_rpc.wire import pack, pack_text, to_json
+from socket_rpc.wire import PREFIX, Channel, Packed, pack, pack_text, to_json
 
 from .conftest import Calls
 
@@ -273,3 +274,30 @@ def test_written_json_refuses_what_the_tree_refuses(value: object) -> None:
     with pytest.raises(EncodeError) as text_error:
         Encoder(max_depth=3).write(value)
     assert str(text_error.value) == str(tree_error.value)
+
+
+def test_the_client_writes_the_call_header_pack_would(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[Packed] = []
+    real_send = Channel.send
+
+    def recording_send(self: Channel, message: Packed, deadline: float | None = None) -> None:
+        if message.head.startswith(b'{"kind":"call"', PREFIX.size):  # not the server's replies
+            sent.append(message)
+        real_send(self, message, deadline)
+
+    monkeypatch.setattr(Channel, "send", recording_send)
+    x, t = np.arange(3, dtype=np.float32), torch.ones(2, dtype=torch.bfloat16)
+    for args, kwargs in [((), {}), ((x,), {}), ((1, "é"), {"k": t, "b": b"raw"})]:
+        client.echo(*args, **kwargs)
+        encoder = Encoder()
+        header = {"kind": "call", "id": None, "function": "echo"}
+        header["args"] = [encoder.encode(a) for a in args]
+        if kwargs:
+            header["kwargs"] = encoder.encode(kwargs)
+        message = sent[-1]
+        header["id"] = json.loads(message.head[PREFIX.size :])["id"]
+        expected = pack(header, encoder.buffers)
+        assert message.head == expected.head
+        assert [bytes(p) for p in message.parts] == [bytes(p) for p in expected.parts]
