@@ -39,7 +39,8 @@ NUMPY_DTYPES = {
 }
 
 _NUMPY_NAMES = {wire: name for name, wire in NUMPY_DTYPES.items()}
-_NUMPY_NAME_OF: dict[Any, str] = {}  # numpy dtype -> wire name, filled as dtypes are sent
+NUMPY_NAME_OF: dict[Any, str] = {}
+"""numpy dtype -> wire name, for the supported little-endian dtypes sent so far."""
 
 # torch dtypes with a fixed byte layout. bfloat16 and the float8 formats have no numpy dtype:
 # they travel as their raw bytes with this name as the tag. Quantized dtypes (which need a scale
@@ -92,12 +93,10 @@ def numpy_buffer(np: Any, array: Any) -> tuple[str, tuple[int, ...], memoryview,
             raise EncodeError("masked arrays are not sent (the mask would be lost)")
         array = np.asarray(array)
     dtype = array.dtype
-    name = _NUMPY_NAME_OF.get(dtype)
+    name = NUMPY_NAME_OF.get(dtype)
     if name is None:
         name = _NUMPY_NAMES.get(dtype.str)
-        if name is not None:
-            _NUMPY_NAME_OF[dtype] = name
-        else:
+        if name is None:
             little = dtype.newbyteorder("<") if dtype.fields is None else None
             if little is None or little.str not in _NUMPY_NAMES:
                 raise EncodeError(
@@ -105,6 +104,8 @@ def numpy_buffer(np: Any, array: Any) -> tuple[str, tuple[int, ...], memoryview,
                 )
             array = array.astype(little)  # big-endian data is sent little-endian
             name = _NUMPY_NAMES[little.str]
+        elif _LITTLE_ENDIAN:
+            NUMPY_NAME_OF[dtype] = name  # sendable as it is (the writer's shortcut)
     if not _LITTLE_ENDIAN:
         _require_little_endian()
     view = memoryview(array)
@@ -218,7 +219,14 @@ def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     dtype = _NUMPY_DTYPE_OBJECTS.get(name)  # made once numpy is imported
     if dtype is None and name not in NUMPY_DTYPES:
         raise ProtocolError(f"unsupported numpy dtype {name!r}")
-    shape, count = _shape_and_count(description.get("shape"), max_ndim)
+    shape = description.get("shape")
+    if type(shape) is list and len(shape) == 1 and max_ndim and type(shape[0]) is int:
+        count = shape[0]  # _shape_and_count's shortcut, inlined
+        if not 0 <= count < _MAX_DIM:
+            raise ProtocolError(f"bad array dimension {count!r} in shape {shape!r}")
+        shape = (count,)
+    else:
+        shape, count = _shape_and_count(shape, max_ndim)
     np = sys.modules.get("numpy") or _import("numpy")
     if dtype is None:
         dtype = _NUMPY_DTYPE_OBJECTS[name] = np.dtype(NUMPY_DTYPES[name])

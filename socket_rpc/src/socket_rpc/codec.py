@@ -68,6 +68,7 @@ def _refuse(value: Any) -> EncodeError:
     )
 
 
+_numpy_name_of = arrays.NUMPY_NAME_OF
 _decode_numpy = arrays.decode_numpy
 _decode_torch = arrays.decode_torch
 _PLAIN_BASES = (bool, int, float, str, bytes, list, tuple, dict)
@@ -125,6 +126,25 @@ class Encoder:
         if depth >= self._max_depth:
             raise EncodeError(f"value nested deeper than {self._max_depth} levels")
         if kind is _ndarray:
+            # The usual array (a dtype sent before, C-contiguous) is written here; anything else
+            # goes through numpy_buffer, which this does the same as.
+            name = _numpy_name_of.get(value.dtype)
+            if name is not None:
+                view = memoryview(value)
+                flat = None
+                if view.c_contiguous:
+                    try:
+                        flat = view.cast("B")
+                    except TypeError:  # complex, or zeros in the shape: numpy_buffer's way
+                        pass
+                if flat is not None:
+                    buffers = self.buffers
+                    buffers.append(flat)
+                    self.owners.append(value)
+                    shape = value.shape
+                    dims = f"{shape[0]}" if len(shape) == 1 else ",".join(map(str, shape))
+                    index = len(buffers) - 1
+                    return f'{{"ndarray":{{"dtype":"{name}","shape":[{dims}],"buffer":{index}}}}}'
             np = sys.modules["numpy"]
             return self._write_array("ndarray", *arrays.numpy_buffer(np, value))
         if kind is _tensor:
@@ -211,6 +231,8 @@ class Decoder:
         if depth >= self._max_depth:
             raise ProtocolError(f"value nested deeper than {self._max_depth} levels")
         if kind is list:
+            if len(tree) == 1:  # e.g. a call's single argument: no comprehension to set up
+                return [self.decode(tree[0], depth + 1)]
             return [self.decode(item, depth + 1) for item in tree]
         if kind is not dict or len(tree) != 1:
             raise ProtocolError(f"malformed value in the message: {_short(tree)}")
