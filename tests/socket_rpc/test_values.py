@@ -6,6 +6,7 @@ import ctypes
 import enum
 import json
 import math
+import socket
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import torch
 
 from socket_rpc import Client, EncodeError, RemoteError
 from socket_rpc.arrays import NUMPY_DTYPES, TORCH_DTYPES
-from socket_rpc.codec import Encoder
+from socket_rpc.codec import Decoder, Encoder
+from socket_rpc.limits import Limits
 from socket_rpc.wire import PREFIX, Channel, Packed, pack, pack_text, to_json
 
 from .conftest import Calls
@@ -301,3 +303,45 @@ def test_the_client_writes_the_call_header_pack_would(
         expected = pack(header, encoder.buffers)
         assert message.head == expected.head
         assert [bytes(p) for p in message.parts] == [bytes(p) for p in expected.parts]
+
+
+def test_small_results_kept_or_dropped_never_change(client: Client) -> None:
+    # Small bodies arrive through the channel's staging buffer: a result still held must never
+    # be overwritten by a later reply.
+    kept = []
+    for i in range(30):
+        y = client.echo(np.full(4096, i, dtype=np.float32))
+        t = client.echo(torch.full((100,), i, dtype=torch.int32))
+        if i % 4 == 0:
+            kept.append((i, y, t))
+        del y, t
+    for i, y, t in kept:
+        assert (y == i).all() and bool((t == i).all())
+
+
+def test_a_channel_never_writes_into_a_buffer_a_received_array_views() -> None:
+    a, b = socket.socketpair()
+    channel = Channel(b, Limits())
+    kept = []
+    try:
+        for batch in range(4):
+            messages = []
+            for i in range(5):  # sent together: one receive stages several messages
+                encoder = Encoder()
+                tree = encoder.encode(np.full(1000, batch * 10 + i, dtype=np.int64))
+                message = pack({"v": tree}, encoder.buffers)
+                messages.append(message.head + b"".join(bytes(p) for p in message.parts))
+            a.sendall(b"".join(messages))
+            for i in range(5):
+                frame = channel.receive()
+                assert frame is not None
+                value = Decoder(frame.buffers, Limits()).decode(frame.header["v"])
+                del frame
+                if (batch + i) % 3 == 0:
+                    kept.append((batch * 10 + i, value))
+                del value
+        for expected, value in kept:
+            assert (value == expected).all()
+    finally:
+        a.close()
+        channel.close()
