@@ -26,7 +26,9 @@ def hwm():  # peak resident set of this process image (ru_maxrss would include t
     return int(line.split()[1]) * 1024
 """
 
-CHILD_CONVERT = HWM + """
+CHILD_CONVERT = (
+    HWM
+    + """
 import json, sys, time
 import llm_sepweight, torch, transformers, gguf  # imports are not the conversion's memory
 base = hwm()
@@ -37,8 +39,11 @@ peak = hwm()
 print(json.dumps({"seconds": elapsed, "base": base, "peak_rss": peak,
                   "bytes": m.weight_bytes, "arch": m.arch}))
 """
+)
 
-CHILD_LOAD = HWM + """
+CHILD_LOAD = (
+    HWM
+    + """
 import json, sys
 import torch, llm_sepweight
 base = hwm()
@@ -48,6 +53,7 @@ peak = hwm()
 part_bytes = sum(t.numel() * t.element_size() for l in w.layers.values() for t in l.values())
 print(json.dumps({"base": base, "peak": peak, "part_bytes": part_bytes}))
 """
+)
 
 
 def smollm2_gguf() -> Path:
