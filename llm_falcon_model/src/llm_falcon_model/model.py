@@ -167,6 +167,7 @@ class Linear(nn.Linear):
     """``x @ W.T`` then ``+ b`` as two ops, as Falcon was trained (one more rounding in bf16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T (+ bias)``, the bias added after the product as transformers does."""
         y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
@@ -195,6 +196,7 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
     ) -> torch.Tensor:
+        """Attention output ``[B, T, hidden]`` for ``x [B, T, hidden]``; k, v go into ``cache``."""
         batch, steps, hidden = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.split(self.query_key_value(x), self.config))
         if inputs.rope is not None:
@@ -231,6 +233,7 @@ class MLP(nn.Module):
         self.act = activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``dense_4h_to_h(act(dense_h_to_4h(x)))``."""
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
@@ -256,6 +259,7 @@ class ParallelBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
     ) -> torch.Tensor:
+        """``x + mlp(norm(x)) + attention(norm(x))`` with one shared norm."""
         h = self.input_layernorm(x)
         return x + (self.mlp(h) + self.self_attention(h, inputs, cache))
 
@@ -278,6 +282,7 @@ class TwoNormParallelBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
     ) -> torch.Tensor:
+        """``x + mlp(ln_mlp(x)) + attention(ln_attn(x))``."""
         attention = self.self_attention(self.ln_attn(x), inputs, cache)
         return x + (self.mlp(self.ln_mlp(x)) + attention)
 
@@ -301,6 +306,7 @@ class SequentialBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
     ) -> torch.Tensor:
+        """``x += attention(norm(x))``, then ``x += mlp(norm(x))``."""
         x = x + self.self_attention(self.input_layernorm(x), inputs, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

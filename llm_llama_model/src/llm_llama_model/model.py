@@ -33,6 +33,7 @@ class RMSNorm(nn.Module):
         self._count = torch.tensor(float(dim), device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised over its last dimension and scaled, in ``x``'s dtype."""
         x32 = x if x.dtype == torch.float32 else x.float()
         # sum / n is exactly torch.mean; in place and without F.rms_norm, whose CPU kernel
         # makes extra copies: this is a third of its time on one decode token.
@@ -202,6 +203,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
 
     def forward(self, h: torch.Tensor, step: Step, kv: LayerKV | None) -> torch.Tensor:
+        """The residual stream ``h [B, T, hidden]`` after this layer; appends k/v to ``kv``."""
         B, T, H = h.shape
         h = h.reshape(B * T, H)  # the residual stream as [N, hidden]: every product is 2-d
         h = self.self_attn(h, self.input_layernorm(h), (B, T), step, kv)
