@@ -219,14 +219,7 @@ def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     dtype = _NUMPY_DTYPE_OBJECTS.get(name)  # made once numpy is imported
     if dtype is None and name not in NUMPY_DTYPES:
         raise ProtocolError(f"unsupported numpy dtype {name!r}")
-    shape = description.get("shape")
-    if type(shape) is list and len(shape) == 1 and max_ndim and type(shape[0]) is int:
-        count = shape[0]  # _shape_and_count's shortcut, inlined
-        if not 0 <= count < _MAX_DIM:
-            raise ProtocolError(f"bad array dimension {count!r} in shape {shape!r}")
-        shape = (count,)
-    else:
-        shape, count = _shape_and_count(shape, max_ndim)
+    shape, count = _shape_and_count(description.get("shape"), max_ndim)
     np = sys.modules.get("numpy") or _import("numpy")
     if dtype is None:
         dtype = _NUMPY_DTYPE_OBJECTS[name] = np.dtype(NUMPY_DTYPES[name])

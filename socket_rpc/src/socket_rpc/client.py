@@ -163,12 +163,8 @@ class Client:
                 raise RPCConnectionError(
                     f"{self.host}:{self.port} closed the connection during call {name!r}"
                 )
-            header = frame.header
-            if header.get("kind") == "result" and header.get("id") == call_id:  # the usual case
-                result = Decoder(frame.buffers, self._limits).decode(header.get("value"))
-            else:
-                result = self._result(frame, call_id, name)
-            del frame, header
+            result = self._result(frame, call_id, name)
+            del frame
         except RemoteError:
             self._release(channel)
             raise
@@ -185,11 +181,7 @@ class Client:
         except BaseException:
             channel.close()  # the connection's state is unknown: never reuse it
             raise
-        with self._lock:  # _release, inlined
-            if not self._closed and len(self._idle) < self._max_idle:
-                self._idle.append(channel)
-                return result
-        channel.close()
+        self._release(channel)
         return result
 
     def _result(self, frame: Frame, call_id: int, name: str) -> Any:

@@ -60,6 +60,17 @@ def _array_module(value: Any) -> tuple[str, Any] | None:
     return None
 
 
+def _array_parts(value: Any) -> tuple[str, str, tuple[int, ...], memoryview, Any] | None:
+    """``(tag, wire dtype name, shape, bytes view, owner)`` of a numpy array or torch tensor
+    (see :func:`~socket_rpc.arrays.numpy_buffer`), None for any other value."""
+    found = _array_module(value)
+    if found is None:
+        return None
+    tag, module = found
+    to_buffer = arrays.numpy_buffer if tag == "ndarray" else arrays.torch_buffer
+    return (tag, *to_buffer(module, value))
+
+
 def _refuse(value: Any) -> EncodeError:
     return EncodeError(
         f"cannot send a value of type {type(value).__module__}.{type(value).__qualname__}: "
@@ -138,13 +149,7 @@ class Encoder:
                     except TypeError:  # complex, or zeros in the shape: numpy_buffer's way
                         pass
                 if flat is not None:
-                    buffers = self.buffers
-                    buffers.append(flat)
-                    self.owners.append(value)
-                    shape = value.shape
-                    dims = f"{shape[0]}" if len(shape) == 1 else ",".join(map(str, shape))
-                    index = len(buffers) - 1
-                    return f'{{"ndarray":{{"dtype":"{name}","shape":[{dims}],"buffer":{index}}}}}'
+                    return self._write_array("ndarray", name, value.shape, flat, value)
             np = sys.modules["numpy"]
             return self._write_array("ndarray", *arrays.numpy_buffer(np, value))
         if kind is _tensor:
@@ -162,11 +167,9 @@ class Encoder:
         if kind is bytes:
             self.buffers.append(memoryview(value))
             return f'{{"bytes":{len(self.buffers) - 1}}}'
-        found = _array_module(value)
+        found = _array_parts(value)
         if found is not None:
-            tag, module = found
-            to_buffer = arrays.numpy_buffer if tag == "ndarray" else arrays.torch_buffer
-            return self._write_array(tag, *to_buffer(module, value))
+            return self._write_array(*found)
         # Subclasses of the plain types are sent as the plain type (an IntEnum as its int).
         for base in _PLAIN_BASES:
             if isinstance(value, base):
@@ -180,11 +183,9 @@ class Encoder:
         return str(key)
 
     def _encode_other(self, value: Any, depth: int) -> Any:
-        found = _array_module(value)
+        found = _array_parts(value)
         if found is not None:
-            tag, module = found
-            to_buffer = arrays.numpy_buffer if tag == "ndarray" else arrays.torch_buffer
-            name, shape, view, owner = to_buffer(module, value)
+            tag, name, shape, view, owner = found
             self.buffers.append(view)
             self.owners.append(owner)
             description = {"dtype": name, "shape": list(shape), "buffer": len(self.buffers) - 1}
@@ -239,13 +240,9 @@ class Decoder:
         ((tag, body),) = tree.items()
         if (tag == "ndarray" or tag == "tensor") and type(body) is dict:
             decode = _decode_numpy if tag == "ndarray" else _decode_torch
-            index = body.get("buffer")
-            buffers = self._buffers
-            if type(index) is not int or not 0 <= index < len(buffers) or self._used[index]:
-                self._take(index)  # raises the error that says which
-            self._used[index] = True
+            buffer = self._take(body.get("buffer"))
             try:
-                return decode(body, buffers[index], self._limits.max_ndim)
+                return decode(body, buffer, self._limits.max_ndim)
             except (ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as exc:
                 raise ProtocolError(f"cannot build the {tag} {_short(body)}: {exc}") from None
         if tag == "tuple" and type(body) is list:

@@ -376,7 +376,6 @@ class Channel:
             if not self._fill_prefix(deadline):
                 return None
             start = self._start
-        staged = self._end
         magic, version, flags, header_len, body_len = _PREFIX_UNPACK(self._staging, start)
         if (
             magic != MAGIC
@@ -386,15 +385,8 @@ class Channel:
             or body_len > limits.max_body_bytes
         ):
             _refuse_prefix(magic, version, flags, header_len, body_len, limits)
-        start += _PREFIX_SIZE
-        end = start + header_len
-        if end <= staged:  # the whole header is staged (the usual case)
-            raw: Any = self._staging_view[start:end]
-            self._start = start = end
-        else:
-            self._start = start
-            raw = self._read_header(header_len, deadline)
-            start, staged = self._start, self._end
+        self._start = start + _PREFIX_SIZE
+        raw = self._read_header(header_len, deadline)
         # The header: one JSON object, nothing after it.
         try:
             text = str(raw, "utf-8")
@@ -419,9 +411,6 @@ class Channel:
             and sizes[0] == body_len
             and limits.max_buffers
         ):  # one buffer filling the body: what _buffer_layout would accept, checked directly
-            if staged - start >= body_len:  # staged: copied out, the staging buffer is reused
-                self._start = start + body_len
-                return Frame(header, [memoryview(self._staging[start : start + body_len])])
             return Frame(header, [self._body(body_len, deadline)])
         offsets, expected = _buffer_layout(sizes, limits)
         if expected != body_len:
@@ -462,9 +451,10 @@ class Channel:
         return body
 
     def _read_header(self, header_len: int, deadline: float | None) -> Any:
-        """The header's bytes when they are not all staged yet."""
+        """The header's bytes: a view of the staging buffer, or a buffer of their own if larger."""
         if header_len <= _STAGING_BYTES:
-            self._fill(header_len, deadline)
+            if self._end - self._start < header_len:
+                self._fill(header_len, deadline)
             raw = self._staging_view[self._start : self._start + header_len]
             self._start += header_len
             return raw
@@ -482,15 +472,7 @@ class Channel:
         """
         if self._end != self._start or (self._tls and self.sock.pending()):
             return False
-        poller = self._poller
-        if poller is not None:  # _readable_now's usual case, inlined
-            try:
-                readable = bool(poller.poll(0))
-            except (OSError, ValueError):
-                readable = True
-        else:
-            readable = self._readable_now()
-        if not readable:
+        if not self._readable_now():
             return True
         if not self._tls:
             return False
