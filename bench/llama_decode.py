@@ -102,18 +102,46 @@ class Theirs:
         return out.logits[:, -1:].argmax(-1)
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(runner, ids: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, median decode seconds per step, generated tokens of row 0)."""
+    """(prefill seconds, median decode seconds per step, generated tokens of row 0), each
+    timed to the end of the device's work; tokens are read back after the timed steps."""
+    device = ids.device.type
+    sync(device)
     start = time.perf_counter()
     token = runner.prefill(ids, steps)
+    sync(device)
     prefill = time.perf_counter() - start
-    times, tokens = [], [int(token[0, 0])]
+    times, tokens = [], [token[0, 0]]
     for _ in range(steps):
         start = time.perf_counter()
         token = runner.decode(token)
+        sync(device)
         times.append(time.perf_counter() - start)
-        tokens.append(int(token[0, 0]))
-    return prefill, statistics.median(times), tokens
+        tokens.append(token[0, 0])
+    return prefill, statistics.median(times), [int(t) for t in tokens]
+
+
+def run_round(
+    runners: list, prompts: dict[int, torch.Tensor], round_: int, steps: int, results: dict
+) -> dict[int, dict[str, list[int]]]:
+    """One round: each batch through every runner, in an order rotated by ``round_``.
+
+    Appends each measurement to ``results[name, batch]``; returns the tokens by batch and name.
+    """
+    order = runners[round_ % len(runners) :] + runners[: round_ % len(runners)]
+    tokens: dict[int, dict[str, list[int]]] = {}
+    for batch, ids in prompts.items():
+        for runner in order:
+            result = measure(runner, ids, steps)
+            results.setdefault((runner.name, batch), []).append(result)
+            tokens.setdefault(batch, {})[runner.name] = result[2]
+    return tokens
 
 
 def table(results: dict, prompt_len: int, floor_ms: float) -> None:
@@ -210,15 +238,10 @@ def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> Non
             runners.append(compile_part(part, prompts, args.steps))
         for round_ in range(args.rounds):
             bandwidths.append(read_bandwidth())
-            order = runners[round_ % len(runners) :] + runners[: round_ % len(runners)]
-            for batch, ids in prompts.items():
-                tokens = {}
-                for runner in order:
-                    result = measure(runner, ids, args.steps)
-                    results.setdefault((runner.name, batch), []).append(result)
-                    tokens[runner.name] = result[2]
+            tokens = run_round(runners, prompts, round_, args.steps, results)
+            for batch, by_name in tokens.items():
                 if round_ == 0:
-                    same = all(t == tokens["transformers"] for t in tokens.values())
+                    same = all(t == by_name["transformers"] for t in by_name.values())
                     print(f"batch {batch}: greedy tokens of all runs equal transformers': {same}")
         by_sum, by_linear, by_mm = (statistics.median(b[i] for b in bandwidths) for i in range(3))
         nbytes = weight_bytes(part)

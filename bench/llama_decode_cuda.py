@@ -25,13 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llama_decode import SMOLLM2, Ours, Theirs, weight_bytes  # noqa: E402
-
-
-def sync(device: str) -> None:
-    """Wait for the device's queued work (nothing to wait for on the CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
+from llama_decode import SMOLLM2, Ours, Theirs, measure, run_round, sync, weight_bytes  # noqa: E402
 
 
 def device_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
@@ -45,24 +39,6 @@ def device_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return big.nbytes / statistics.median(times)
-
-
-def measure(runner, ids: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, median decode seconds per step, tokens of row 0), synchronised."""
-    device = ids.device.type
-    sync(device)
-    start = time.perf_counter()
-    token = runner.prefill(ids, steps)
-    sync(device)
-    prefill = time.perf_counter() - start
-    times, tokens = [], [token[0, 0]]
-    for _ in range(steps):
-        start = time.perf_counter()
-        token = runner.decode(token)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        tokens.append(token[0, 0])
-    return prefill, statistics.median(times), [int(t) for t in tokens]
 
 
 def main() -> None:
@@ -119,13 +95,8 @@ def main() -> None:
                     for runner in runners:
                         measure(runner, ids, 4)
                 for round_ in range(args.rounds):
-                    order = runners[round_ % 2 :] + runners[: round_ % 2]
-                    for batch, ids in prompts.items():
-                        tokens = {}
-                        for runner in order:
-                            result = measure(runner, ids, args.steps)
-                            results.setdefault((runner.name, batch), []).append(result)
-                            tokens[runner.name] = result[2]
+                    by_batch = run_round(runners, prompts, round_, args.steps, results)
+                    for batch, tokens in by_batch.items():
                         if round_ == 0:
                             agree = sum(a == b for a, b in zip(*tokens.values(), strict=True))
                             print(f"batch {batch}: row 0 greedy tokens agreeing: "
