@@ -213,7 +213,7 @@ _NUMPY_DTYPE_OBJECTS: dict[str, Any] = {}  # wire name -> numpy dtype, made on f
 
 def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     """A numpy array wrapping ``buffer`` (no copy), checked against its description."""
-    if type(description) is not dict and not isinstance(description, dict):
+    if not isinstance(description, dict):
         raise ProtocolError("bad ndarray description")
     name = description.get("dtype")
     dtype = _NUMPY_DTYPE_OBJECTS.get(name)  # made once numpy is imported
@@ -237,7 +237,7 @@ def decode_numpy(description: Any, buffer: memoryview, max_ndim: int) -> Any:
 
 def decode_torch(description: Any, buffer: memoryview, max_ndim: int) -> Any:
     """A CPU torch tensor wrapping ``buffer`` (no copy), checked against its description."""
-    if type(description) is not dict and not isinstance(description, dict):
+    if not isinstance(description, dict):
         raise ProtocolError("bad tensor description")
     name = description.get("dtype")
     if type(name) is not str or name not in _TORCH_DTYPE_SET:
