@@ -66,6 +66,33 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float, fl
     return tuple(big.nbytes / statistics.median(spent) for spent in times)  # type: ignore[return-value]
 
 
+def storages(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every distinct weight storage of ``module`` as one flat tensor, in module order: for a
+    packed part the packed matrices themselves (q/k/v, gate/up, the head), not their views."""
+    flat: dict[int, torch.Tensor] = {}
+    for p in module.parameters():
+        storage = p.untyped_storage()
+        if storage.data_ptr() not in flat:
+            whole = torch.empty(0, dtype=p.dtype, device=p.device)
+            flat[storage.data_ptr()] = whole.set_(storage)
+    return list(flat.values())
+
+
+def tensor_by_tensor_ms(module: torch.nn.Module, repeats: int = 5) -> float:
+    """Milliseconds to ``sum`` each of the module's weight storages once, one after another
+    (median of repeats): the same bytes as a decode step in the step's own tensor sizes. Far
+    below the 1 GiB rate on some CPUs: a read of a 1-7 MB tensor does not reach the streaming
+    rate of a long one, whatever reads it."""
+    tensors = storages(module)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for tensor in tensors:
+            tensor.sum()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes a decode step reads: every distinct parameter once (tied embeddings count once, as
     the head reads the whole matrix; the embedding lookup touches only a few rows)."""
@@ -144,7 +171,7 @@ def run_round(
     return tokens
 
 
-def table(results: dict, prompt_len: int, floor_ms: float) -> None:
+def table(results: dict, prompt_len: int, floor_ms: float, own_ms: float | None = None) -> None:
     """Median rows per (implementation, batch), then each one's ratios to transformers."""
     med = {key: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
            for key, runs in results.items()}  # fmt: skip
@@ -158,6 +185,7 @@ def table(results: dict, prompt_len: int, floor_ms: float) -> None:
             print(
                 f"{name}, batch {batch}: decode {hf_dec / dec:.2f}x transformers' tokens/s, "
                 f"prefill {hf_pre / pre:.2f}x, decode step / floor {dec * 1e3 / floor_ms:.2f}"
+                + (f" (/ tensor-by-tensor read {dec * 1e3 / own_ms:.2f})" if own_ms else "")
             )
 
 
@@ -236,8 +264,10 @@ def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> Non
     with torch.inference_mode():
         if not args.no_compile:
             runners.append(compile_part(part, prompts, args.steps))
+        by_tensor = []
         for round_ in range(args.rounds):
             bandwidths.append(read_bandwidth())
+            by_tensor.append(tensor_by_tensor_ms(part))
             tokens = run_round(runners, prompts, round_, args.steps, results)
             for batch, by_name in tokens.items():
                 if round_ == 0:
@@ -250,7 +280,11 @@ def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> Non
               f"{by_sum / 1e9:.2f} GB/s, matrix-vector [out, in] {by_linear / 1e9:.2f} GB/s, "
               f"[in, out] {by_mm / 1e9:.2f} GB/s; floor {floor_ms:.2f} ms per decode step "
               f"(weights / the fastest of the three)")  # fmt: skip
-        table(results, args.prompt_len, floor_ms)
+        own_ms = statistics.median(by_tensor)
+        print(f"the packed part's {len(storages(part))} weight tensors summed one by one: "
+              f"{own_ms:.2f} ms ({nbytes / own_ms / 1e6:.2f} GB/s, {own_ms / floor_ms:.2f}x the "
+              f"floor): the same bytes in the step's own tensor sizes")  # fmt: skip
+        table(results, args.prompt_len, floor_ms, own_ms)
 
 
 if __name__ == "__main__":

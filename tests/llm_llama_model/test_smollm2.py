@@ -52,8 +52,11 @@ def test_converted_weights_equal_the_ones_transformers_loads(
     assert torch.equal(weights.end["norm.weight"], hf["model.norm.weight"])
 
 
-def test_32_greedy_tokens_equal_transformers(smollm2_sepweight, smollm2_transformers):
-    """Three parts, the prompts left-padded into one batch, against transformers on each alone."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_32_greedy_tokens_equal_transformers(smollm2_sepweight, smollm2_transformers, threads):
+    """Three parts, the prompts left-padded into one batch, against transformers on each alone;
+    on two threads each decode-step product is cut into two blocks (see model._product)."""
+    torch.set_num_threads(threads)  # (the conftest fixture restores the count)
     model, tokenizer = smollm2_transformers
     parts = [load_part(smollm2_sepweight, s) for s in ("b 0-10", "10-20", "20-30 e")]
     prompts = [tokenizer(p, return_tensors="pt").input_ids[0] for p in PROMPTS]

@@ -50,6 +50,49 @@ class Step:
     sin: torch.Tensor  # [B, T, 1, head_dim], first half negated (see rope.cos_sin)
     mask: torch.Tensor  # [B, 1, T, S] additive float: 0 = may attend, -inf = masked
     start: int  # cache slot of the first new position (0 without a cache)
+    splits: int = 1  # blocks each matrix product is cut into, one per thread (see _product)
+
+
+# A CPU matrix product with this many input rows or fewer (decoding) is cut into one block per
+# thread: torch's matrix-vector product runs on a single thread, a batched product of the blocks
+# on all of them. With more rows (prefill) the product itself is already multi-threaded.
+SPLIT_MAX_ROWS = 16
+
+
+@torch.compiler.disable
+def thread_splits(rows: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many blocks to cut each matrix product of ``rows`` input rows into (see _product)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64) or rows > SPLIT_MAX_ROWS:
+        return 1  # (half-precision partial sums would round once more than one product does)
+    return torch.get_num_threads()
+
+
+def _divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most``."""
+    while n % at_most:
+        at_most -= 1
+    return at_most
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.Tensor:
+    """``x [N, K] @ w [K, M]`` for ``w`` contiguous or the transpose of a contiguous matrix.
+
+    With ``splits > 1`` the product is one batched product of blocks of ``w``, which torch runs
+    on ``splits`` threads: a wide ``w`` (the head) is cut into column blocks, any other into
+    row blocks whose partial products are summed (the same sum in another order: float32
+    rounding, ~1e-7 relative). Both cuts are views, nothing is copied but the small output.
+    """
+    K, M = w.shape
+    if splits > 1 and M >= 8 * K:
+        parts = _divisor(M, splits)
+        blocks = w.view(K, parts, M // parts).transpose(0, 1)  # [parts, K, M / parts]
+        out = torch.bmm(x.expand(parts, *x.shape), blocks)  # [parts, N, M / parts]
+        return out.transpose(0, 1).reshape(x.shape[0], M)
+    parts = _divisor(K, splits) if splits > 1 else 1
+    if parts == 1:
+        return torch.mm(x, w)
+    rows = x.reshape(x.shape[0], parts, K // parts).transpose(0, 1)  # [parts, N, K / parts]
+    return torch.bmm(rows, w.view(parts, K // parts, M)).sum(0)
 
 
 class Packed:
@@ -92,8 +135,12 @@ class Packed:
         """True while every packed layer's parameters are still the views made by packing."""
         return self._current(self.linears) == self._pointers
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """All the packed layers' outputs side by side: ``x [N, in] -> [N, sum(out)]``."""
+    def __call__(self, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
+        """All the packed layers' outputs side by side: ``x [N, in] -> [N, sum(out)]``,
+        computed in ``splits`` blocks (see :func:`_product`)."""
+        if splits > 1:
+            out = _product(x, self.weight_t, splits)
+            return out if self.bias is None else out.add_(self.bias)
         if self.bias is None:
             return torch.mm(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
@@ -105,9 +152,15 @@ def _own(module: nn.Module) -> None:
         setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=False))
 
 
-def _residual_linear(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``h + linear(x)`` for 2-d ``h`` and ``x`` as one matrix product (residual as the addend)."""
-    out = torch.addmm(h, x, linear.weight.t())
+def _residual_linear(
+    h: torch.Tensor, x: torch.Tensor, linear: nn.Linear, splits: int = 1
+) -> torch.Tensor:
+    """``h + linear(x)`` for 2-d ``h`` and ``x``: one matrix product with the residual as the
+    addend, or ``splits`` blocks (see :func:`_product`) and then the residual."""
+    if splits > 1:
+        out = _product(x, linear.weight.t(), splits).add_(h)
+    else:
+        out = torch.addmm(h, x, linear.weight.t())
     return out if linear.bias is None else out.add_(linear.bias)
 
 
@@ -125,10 +178,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * hd, hidden, bias=bias, **factory)
         self.packed: Packed | None = None
 
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
         """q, k and v projections of ``x [N, hidden]`` side by side, ``[N, (heads + 2 kv) hd]``."""
         if self.packed is not None:
-            return self.packed(x)
+            return self.packed(x, splits)
         return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
     def forward(
@@ -142,7 +195,7 @@ class Attention(nn.Module):
         """``h + attention(x)`` for the residual ``h`` and normed ``x``, both ``[B*T, hidden]``."""
         B, T = shape
         hd, heads, kv_heads = self.head_dim, self.num_heads, self.num_kv_heads
-        qkv = self.qkv(x)
+        qkv = self.qkv(x, step.splits)
         # RoPE rotates q and k together, in the [B, T, heads, hd] layout the projection gives.
         qk = qkv[:, : (heads + kv_heads) * hd].view(B, T, heads + kv_heads, hd)
         qk = rope.apply_rope(qk, step.cos, step.sin)
@@ -157,7 +210,7 @@ class Attention(nn.Module):
         # enable_gqa shares each key/value head among its query heads (= repeat_kv, no copy)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B * T, heads * hd)
-        return _residual_linear(h, out, self.o_proj)
+        return _residual_linear(h, out, self.o_proj, step.splits)
 
     def pack(self) -> None:
         """Pack q, k and v into one transposed matrix (see Packed); o gets memory of its own."""
@@ -176,15 +229,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias, **factory)
         self.packed: Packed | None = None
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``h + mlp(x)`` for the residual ``h`` and normed ``x``, both ``[N, hidden]``."""
+    def forward(self, h: torch.Tensor, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
+        """``h + mlp(x)`` for the residual ``h`` and normed ``x``, both ``[N, hidden]``; each
+        product in ``splits`` blocks (see :func:`_product`)."""
         if self.packed is not None:
-            both = self.packed(x)
+            both = self.packed(x, splits)
             inner = both.shape[-1] // 2
             gate, up = both[:, :inner], both[:, inner:]  # (slicing is cheaper than chunk)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return _residual_linear(h, F.silu(gate).mul_(up), self.down_proj)
+        return _residual_linear(h, F.silu(gate).mul_(up), self.down_proj, splits)
 
     def pack(self) -> None:
         """Pack gate and up into one transposed matrix (see Packed); down gets memory of its own."""
@@ -207,7 +261,7 @@ class DecoderLayer(nn.Module):
         B, T, H = h.shape
         h = h.reshape(B * T, H)  # the residual stream as [N, hidden]: every product is 2-d
         h = self.self_attn(h, self.input_layernorm(h), (B, T), step, kv)
-        h = self.mlp(h, self.post_attention_layernorm(h))
+        h = self.mlp(h, self.post_attention_layernorm(h), step.splits)
         return h.view(B, T, H)
 
 
@@ -287,8 +341,9 @@ class LlamaPart(nn.Module):
         mask = _check_mask(mask, B, T, x.device)
         start = self._check_cache(cache, B, T)
         h = self.embed_tokens(x) if self.spec.begin else x.to(self.dtype)
+        splits = thread_splits(B * T, h.device, h.dtype)
         if len(self.layers):
-            step = self._step(mask, cache, start, h.dtype)
+            step = self._step(mask, cache, start, h.dtype, splits)
             for i, layer in enumerate(self.layers):
                 h = layer(h, step, cache.layers[i] if cache is not None else None)
         if cache is not None:
@@ -296,7 +351,7 @@ class LlamaPart(nn.Module):
         if self.spec.end:
             normed = self.norm(h)
             if self._head is not None:
-                return self._head(normed.view(B * T, -1)).view(B, T, -1).float()
+                return self._head(normed.view(B * T, -1), splits).view(B, T, -1).float()
             return self.lm_head(normed).float()
         return h
 
@@ -338,7 +393,12 @@ class LlamaPart(nn.Module):
         return self
 
     def _step(
-        self, mask: torch.Tensor, cache: KVCache | None, start: int, dtype: torch.dtype
+        self,
+        mask: torch.Tensor,
+        cache: KVCache | None,
+        start: int,
+        dtype: torch.dtype,
+        splits: int,
     ) -> Step:
         B, T = mask.shape
         seen = cache.seen[:B, None] if cache is not None else 0
@@ -348,7 +408,7 @@ class LlamaPart(nn.Module):
         allowed = _attention_mask(keys, start)
         # SDPA turns a bool mask into this additive one on every call; do it once per forward.
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return Step(cos, sin, additive.masked_fill_(~allowed, float("-inf")), start)
+        return Step(cos, sin, additive.masked_fill_(~allowed, float("-inf")), start, splits)
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if not isinstance(x, torch.Tensor):

@@ -1,0 +1,74 @@
+"""Decoding on several CPU threads: each matrix product cut into blocks, one per thread.
+
+The other tests of this package run on one thread (see conftest), where nothing is cut; these
+set the thread count themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_llama_model.model import SPLIT_MAX_ROWS, _product, thread_splits
+
+_spec = importlib.util.spec_from_file_location(
+    "_parity", Path(__file__).with_name("test_parity.py")
+)
+_parity = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_parity)
+
+
+@pytest.fixture
+def threads(request) -> Iterator[int]:
+    """Run the test on ``request.param`` torch threads, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 4, 7])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize(
+    ("k", "m", "transposed"),
+    [
+        (48, 40, False),  # narrow: row blocks
+        (48, 40, True),  # the transposed view o_proj and down_proj are used through
+        (50, 36, False),  # 50 rows: 7 and 4 threads fall back to 5 and 2 blocks
+        (8, 96, False),  # wide (at least 8 times as many columns as rows): column blocks
+        (8, 100, False),  # 100 columns: 3 and 7 threads fall back to 2 and 5 blocks
+    ],
+)
+def test_product_in_blocks_equals_the_matrix_product(k, m, transposed, rows, splits):
+    gen = torch.Generator().manual_seed(k * m + rows)
+    w = torch.randn(m, k, generator=gen).t() if transposed else torch.randn(k, m, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
+    expected = x @ w
+    got = _product(x, w, splits)
+    assert got.shape == (rows, m)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_product(x, w, 1), expected)
+
+
+@pytest.mark.parametrize("threads", [3], indirect=True)
+def test_only_small_float_cpu_products_are_cut(threads):
+    cpu = torch.device("cpu")
+    assert thread_splits(1, cpu, torch.float32) == 3
+    assert thread_splits(SPLIT_MAX_ROWS, cpu, torch.float64) == 3
+    assert thread_splits(SPLIT_MAX_ROWS + 1, cpu, torch.float32) == 1  # prefill
+    assert thread_splits(1, cpu, torch.bfloat16) == 1
+    assert thread_splits(1, torch.device("cuda"), torch.float32) == 1
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("case", ["gqa", "biases", "head_dim"])
+def test_decode_on_several_threads_equals_transformers(case, threads, tmp_path):
+    """Prefill and 20 cached decode steps of chained packed parts against transformers, with
+    every decode-step product cut into blocks (the same test as test_parity's, on more
+    threads)."""
+    assert thread_splits(2, torch.device("cpu"), torch.float32) == threads
+    _parity.test_prefill_and_decode_equal_transformers(case, tmp_path)
