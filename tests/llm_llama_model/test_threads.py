@@ -72,3 +72,14 @@ def test_decode_on_several_threads_equals_transformers(case, threads, tmp_path):
     threads)."""
     assert thread_splits(2, torch.device("cpu"), torch.float32) == threads
     _parity.test_prefill_and_decode_equal_transformers(case, tmp_path)
+
+
+def test_the_compiled_graphs_operator_is_the_same_product():
+    """Under torch.compile the blocks run as the custom op llm_llama_model::product_in_blocks
+    (inductor would otherwise lower the batched product into a slower loop of its own)."""
+    gen = torch.Generator().manual_seed(5)
+    for w in (torch.randn(48, 40, generator=gen), torch.randn(40, 48, generator=gen).t()):
+        x = torch.randn(2, 48, generator=gen)
+        got = torch.ops.llm_llama_model.product_in_blocks(x, w, 3)
+        torch.testing.assert_close(got, x @ w, atol=1e-5, rtol=1e-5)
+        torch.library.opcheck(torch.ops.llm_llama_model.product_in_blocks, (x, w, 3))

@@ -82,6 +82,10 @@ def _product(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.Tensor:
     row blocks whose partial products are summed (the same sum in another order: float32
     rounding, ~1e-7 relative). Both cuts are views, nothing is copied but the small output.
     """
+    if splits > 1 and torch.compiler.is_compiling():
+        # inductor would lower the batched product into its own loop, slower than the library's
+        # one-thread product; as a custom op the blocks stay one opaque call.
+        return torch.ops.llm_llama_model.product_in_blocks(x, w, splits)
     K, M = w.shape
     if splits > 1 and M >= 8 * K:
         parts = _divisor(M, splits)
@@ -93,6 +97,17 @@ def _product(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.Tensor:
         return torch.mm(x, w)
     rows = x.reshape(x.shape[0], parts, K // parts).transpose(0, 1)  # [parts, N, K / parts]
     return torch.bmm(rows, w.view(parts, K // parts, M)).sum(0)
+
+
+@torch.library.custom_op("llm_llama_model::product_in_blocks", mutates_args=())
+def _product_op(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+    """:func:`_product` as one operator for torch.compile'd graphs."""
+    return _product(x, w, splits)
+
+
+@_product_op.register_fake
+def _product_shape(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[1])
 
 
 class Packed:
