@@ -34,18 +34,24 @@ def threads(request) -> Iterator[int]:
 @pytest.mark.parametrize("splits", [2, 3, 4, 7])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize(
-    ("k", "m", "transposed"),
+    ("k", "m", "layout"),
     [
-        (48, 40, False),  # narrow: row blocks
-        (48, 40, True),  # the transposed view o_proj and down_proj are used through
-        (50, 36, False),  # 50 rows: 7 and 4 threads fall back to 5 and 2 blocks
-        (8, 96, False),  # wide (at least 8 times as many columns as rows): column blocks
-        (8, 100, False),  # 100 columns: 3 and 7 threads fall back to 2 and 5 blocks
+        (48, 40, "contiguous"),  # narrow: row blocks
+        (48, 40, "transposed"),  # the transposed view o_proj and down_proj are used through
+        (48, 40, "strided"),  # neither (e.g. a weight a user assigned): still a view
+        (50, 36, "contiguous"),  # 50 rows: 7 and 4 threads fall back to 5 and 2 blocks
+        (8, 96, "contiguous"),  # wide (at least 8 times as many columns as rows): column blocks
+        (8, 100, "contiguous"),  # 100 columns: 3 and 7 threads fall back to 2 and 5 blocks
     ],
 )
-def test_product_in_blocks_equals_the_matrix_product(k, m, transposed, rows, splits):
+def test_product_in_blocks_equals_the_matrix_product(k, m, layout, rows, splits):
     gen = torch.Generator().manual_seed(k * m + rows)
-    w = torch.randn(m, k, generator=gen).t() if transposed else torch.randn(k, m, generator=gen)
+    if layout == "strided":
+        w = torch.randn(k, 2 * m, generator=gen)[:, ::2]
+    elif layout == "transposed":
+        w = torch.randn(m, k, generator=gen).t()
+    else:
+        w = torch.randn(k, m, generator=gen)
     x = torch.randn(rows, k, generator=gen)
     expected = x @ w
     got = _product(x, w, splits)

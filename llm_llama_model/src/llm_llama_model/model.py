@@ -77,12 +77,13 @@ def _divisor(n: int, at_most: int) -> int:
 
 
 def _product(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.Tensor:
-    """``x [N, K] @ w [K, M]`` for ``w`` contiguous or the transpose of a contiguous matrix.
+    """``x [N, K] @ w [K, M]``.
 
     With ``splits > 1`` the product is one batched product of blocks of ``w``, which torch runs
     on ``splits`` threads: a wide ``w`` (the head) is cut into column blocks, any other into
     row blocks whose partial products are summed (the same sum in another order: float32
-    rounding, ~1e-7 relative). Both cuts are views, nothing is copied but the small output.
+    rounding, ~1e-7 relative). Both cuts are views (splitting one dimension always is), so
+    nothing is copied but the small output.
     """
     if splits > 1 and torch.compiler.is_compiling():
         # inductor would lower the batched product into its own loop, slower than the library's
