@@ -172,7 +172,8 @@ def run_round(
 
 
 def table(results: dict, prompt_len: int, floor_ms: float, own_ms: float | None = None) -> None:
-    """Median rows per (implementation, batch), then each one's ratios to transformers."""
+    """Median rows per (implementation, batch), then each one's ratios to transformers, to the
+    floor and, given ``own_ms``, to the time the step's own tensors take to read one by one."""
     med = {key: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
            for key, runs in results.items()}  # fmt: skip
     print(f"\n{'':27}{'batch':>6}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_llama_model import decider, load_part
 from llm_llama_model.model import SPLIT_MAX_ROWS, _product, thread_splits
+from llm_sepweight import dump
 
 _spec = importlib.util.spec_from_file_location(
     "_parity", Path(__file__).with_name("test_parity.py")
@@ -23,7 +25,7 @@ _spec.loader.exec_module(_parity)
 
 
 @pytest.fixture
-def threads(request) -> Iterator[int]:
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     """Run the test on ``request.param`` torch threads, restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
@@ -71,21 +73,57 @@ def test_only_small_float_cpu_products_are_cut(threads):
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
-@pytest.mark.parametrize("case", ["gqa", "biases", "head_dim"])
+@pytest.mark.parametrize("case", ["gqa", "biases", "head_dim", "wide_head"])
 def test_decode_on_several_threads_equals_transformers(case, threads, tmp_path):
     """Prefill and 20 cached decode steps of chained packed parts against transformers, with
-    every decode-step product cut into blocks (the same test as test_parity's, on more
-    threads)."""
+    every small product cut into blocks ("wide_head": the head in column blocks)."""
     assert thread_splits(2, torch.device("cpu"), torch.float32) == threads
-    _parity.test_prefill_and_decode_equal_transformers(case, tmp_path)
+    model = _parity.hf_model(case)
+    _parity.assert_prefill_and_decode_equal(model, _parity.split(model, tmp_path))
+
+
+@pytest.mark.parametrize("threads", [3], indirect=True)
+def test_unpacked_parts_on_several_threads_equal_transformers(threads, tmp_path):
+    """``pack=False``: q/k/v stay separate linears, o and down are cut into blocks."""
+    model = _parity.hf_model("biases")
+    config = model.config.to_dict()
+    dump(model.state_dict(), tmp_path, decider(config), arch="llama", config=config)
+    parts = [load_part(tmp_path, spec, pack=False) for spec in _parity.SPECS]
+    _parity.assert_prefill_and_decode_equal(model, parts)
 
 
 def test_the_compiled_graphs_operator_is_the_same_product():
     """Under torch.compile the blocks run as the custom op llm_llama_model::product_in_blocks
-    (inductor would otherwise lower the batched product into a slower loop of its own)."""
+    (inductor would otherwise lower the batched product into a slower loop of its own); it has
+    a gradient, so a compiled part also trains."""
     gen = torch.Generator().manual_seed(5)
     for w in (torch.randn(48, 40, generator=gen), torch.randn(40, 48, generator=gen).t()):
         x = torch.randn(2, 48, generator=gen)
         got = torch.ops.llm_llama_model.product_in_blocks(x, w, 3)
         torch.testing.assert_close(got, x @ w, atol=1e-5, rtol=1e-5)
         torch.library.opcheck(torch.ops.llm_llama_model.product_in_blocks, (x, w, 3))
+    x = torch.randn(3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(16, 10, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.llm_llama_model.product_in_blocks, (x, w, 4))
+    assert torch.autograd.gradcheck(
+        lambda a, b: torch.ops.llm_llama_model.product_in_blocks(a, b, 4), (x, w)
+    )
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_compiled_part_on_several_threads_equals_eager(threads, tmp_path):
+    """torch.compile of a whole part on 2 threads (the blocks as the custom op) against the
+    eager part: prefill and decode steps, then a gradient through a compiled forward."""
+    model = _parity.hf_model("wide_head")
+    (part,) = _parity.split(model, tmp_path, specs=("f",))
+    compiled = torch.compile(part, dynamic=True)
+    ids = torch.randint(0, 1024, (2, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        caches = [part.new_cache(2, 8), part.new_cache(2, 8)]
+        for _ in range(3):
+            expected, got = part(ids, cache=caches[0]), compiled(ids, cache=caches[1])
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            ids = expected[:, -1:].argmax(-1)
+    part.requires_grad_(True)
+    compiled(ids).sum().backward()
+    assert part.layers[0].mlp.down_proj.weight.grad is not None

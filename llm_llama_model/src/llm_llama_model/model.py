@@ -26,13 +26,17 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float, **factory) -> None:
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, **factory))
         # 0-d tensors divide and add without wrapping a Python number on every call (a float
         # costs a conversion per call, ~3% of a SmolLM2 decode step on a CPU; CPU 0-d tensors
         # combine with tensors on any device)
         self._count = torch.tensor(float(dim), device="cpu")
         self._eps = torch.tensor(float(eps), device="cpu")
+
+    @property
+    def eps(self) -> float:
+        """The epsilon added to the mean square (fixed at construction)."""
+        return float(self._eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` normalised over its last dimension and scaled, in ``x``'s dtype."""
@@ -110,7 +114,24 @@ def _product_op(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
 
 @_product_op.register_fake
 def _product_shape(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+    """The op's output for shapes only (tracing): ``[N, M]``."""
     return x.new_empty(x.shape[0], w.shape[1])
+
+
+def _product_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, w, _ = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _product_backward(ctx, grad: torch.Tensor) -> tuple:
+    """Gradients of ``x @ w``: ``grad @ w.T`` and ``x.T @ grad`` (none for ``splits``)."""
+    x, w = ctx.saved_tensors
+    grad_x = grad @ w.t() if ctx.needs_input_grad[0] else None
+    grad_w = x.t() @ grad if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_product_op.register_autograd(_product_backward, setup_context=_product_context)
 
 
 class Packed:
