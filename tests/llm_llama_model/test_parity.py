@@ -62,13 +62,15 @@ def hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def split(model, directory: Path, specs=SPECS, dtype=torch.float32) -> list[LlamaPart]:
+def split(
+    model, directory: Path, specs=SPECS, dtype=torch.float32, pack: bool = True
+) -> list[LlamaPart]:
     """The HF model's weights written by llm_sepweight.dump (placed by our decider), then each
-    part loaded with load_part, exactly as a node would."""
+    part loaded with load_part (``pack`` passed on), exactly as a node would."""
     hf_config = model.config.to_dict()
     dump(model.state_dict(), directory, decider(hf_config), arch="llama", config=hf_config,
          dtype=dtype)  # fmt: skip
-    return [load_part(directory, spec) for spec in specs]
+    return [load_part(directory, spec, pack=pack) for spec in specs]
 
 
 def run_chain(parts, x, mask=None, caches=None):

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_llama_model import decider, load_part
 from llm_llama_model.model import SPLIT_MAX_ROWS, _product, thread_splits
-from llm_sepweight import dump
 
 _spec = importlib.util.spec_from_file_location(
     "_parity", Path(__file__).with_name("test_parity.py")
@@ -86,9 +84,8 @@ def test_decode_on_several_threads_equals_transformers(case, threads, tmp_path):
 def test_unpacked_parts_on_several_threads_equal_transformers(threads, tmp_path):
     """``pack=False``: q/k/v stay separate linears, o and down are cut into blocks."""
     model = _parity.hf_model("biases")
-    config = model.config.to_dict()
-    dump(model.state_dict(), tmp_path, decider(config), arch="llama", config=config)
-    parts = [load_part(tmp_path, spec, pack=False) for spec in _parity.SPECS]
+    parts = _parity.split(model, tmp_path, pack=False)
+    assert all(layer.self_attn.packed is None for part in parts for layer in part.layers)
     _parity.assert_prefill_and_decode_equal(model, parts)
 
 
