@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-MEMBERS=(llm_sepweight socket_rpc llm_sampler llm_llama_model llm_falcon_model llm_partial_run)
+MEMBERS=(llm_sepweight socket_rpc llm_sampler llm_slice_core llm_llama_model llm_falcon_model llm_partial_run)
 
 setup() {
     local stamp
