@@ -1,0 +1,1 @@
+"""The sub-commands of ``llm-partial-run``, one module each."""
