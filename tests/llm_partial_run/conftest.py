@@ -97,7 +97,6 @@ def _tiny_hf_falcon():
     config = FalconConfig(
         vocab_size=96, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
         new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False,
-        initializer_range=0.2,
     )  # fmt: skip
     return FalconForCausalLM(config)
 
@@ -111,14 +110,15 @@ class TinyModel:
     specs: tuple[str, ...] = ("b 0-2", "2-4", "4-6 e")
 
 
-def _converted(make, name: str, factory: pytest.TempPathFactory) -> TinyModel:
+def _converted(make, name: str, factory: pytest.TempPathFactory, std: float | None) -> TinyModel:
     from llm_sepweight import convert
 
     torch.manual_seed(0)
     model = make().eval()
-    with torch.no_grad():  # weights large enough that greedy tokens vary (and a wrong cache shows)
-        for param in model.parameters():
-            param.normal_(std=0.3)
+    if std is not None:  # weights drawn so that greedy tokens vary (and a wrong cache shows)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(std=std)
     root = factory.mktemp(name)
     model.save_pretrained(root / "hf")
     convert(root / "hf", root / name)
@@ -128,13 +128,13 @@ def _converted(make, name: str, factory: pytest.TempPathFactory) -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """A tiny random Llama (6 layers, tied head) and its sepweight directory."""
-    return _converted(_tiny_hf_llama, "tiny-llama", tmp_path_factory)
+    return _converted(_tiny_hf_llama, "tiny-llama", tmp_path_factory, None)
 
 
 @pytest.fixture(scope="session")
 def tiny_falcon(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """A tiny random Falcon (6 layers, new decoder architecture) and its sepweight directory."""
-    return _converted(_tiny_hf_falcon, "tiny-falcon", tmp_path_factory)
+    return _converted(_tiny_hf_falcon, "tiny-falcon", tmp_path_factory, 0.1)
 
 
 @pytest.fixture

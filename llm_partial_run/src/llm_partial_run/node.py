@@ -32,16 +32,12 @@ from .parts import load_any_part
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "generation_config.json", "chat_template.jinja",
-)  # fmt: skip
-
 
 def read_tokenizer_files(directory: str | os.PathLike[str]) -> dict[str, bytes]:
-    """The tokenizer files stored in a sepweight directory, name -> bytes."""
-    directory = Path(directory)
-    return {n: (directory / n).read_bytes() for n in TOKENIZER_FILES if (directory / n).is_file()}
+    """The tokenizer files stored in a sepweight directory, name -> bytes ({} if none)."""
+    from .text import Tokenizer
+
+    return Tokenizer.read_files(directory)
 
 
 class Node:
