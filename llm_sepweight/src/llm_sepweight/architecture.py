@@ -35,6 +35,11 @@ class Architecture:
     ``gguf_rename`` maps llama.cpp tensor names to
     Hugging Face names (None skips one) and ``gguf_transform(hf_name, tensor, config)`` undoes
     llama.cpp's layout changes. ``load_part(directory, spec, device=, dtype=)`` builds a slice.
+
+    A hook that is handed a checkpoint it cannot convert (a config of another family, a key it
+    does not know) raises ``ValueError`` or a subclass (``LlamaModelError``, ``FalconModelError``);
+    ``convert`` reports it as a :class:`ConversionError` naming the package. Any other exception
+    from a hook is a bug in the package and is left alone.
     """
 
     name: str
@@ -78,6 +83,6 @@ def find_architecture(
     wanted = name or model_type or gguf
     known = ", ".join(sorted(a.name for a in registered)) or "none"
     raise ConversionError(
-        f"no installed model package handles {wanted!r} (installed: {known}); install one "
-        "(e.g. llm_llama_model) or pass an explicit decider"
+        f"no installed model package handles {wanted!r} (installed: {known}); install the one "
+        "for it (e.g. llm_llama_model for Llama-family models)"
     )

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .architecture import Architecture, find_architecture
+from .architecture import Architecture, architectures, find_architecture
 from .decider import Decider, gguf_decider
-from .errors import ConversionError
+from .errors import ConversionError, SepweightError
 from .manifest import Manifest
-from .sources import Source, old_decider, open_source
+from .sources import Source, fingerprint, old_decider, open_source
 from .stfile import fsync_dir, temp_path
-from .writer import DirectoryWriter, _check_layer_count, dtype_str, parse_dtype, plan, write_planned
+from .writer import (
+    DirectoryWriter,
+    Plan,
+    _check_layer_count,
+    dtype_str,
+    finished_output,
+    parse_dtype,
+    plan,
+    write_planned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +44,7 @@ def convert(
     arch: str | None = None,
     config: Mapping[str, Any] | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> Manifest:
     """Convert a checkpoint to a sepweight directory; return the manifest written.
 
@@ -40,14 +53,35 @@ def convert(
     Without ``decider``, the model package registered for the checkpoint's architecture
     (``config["model_type"]``, GGUF ``general.architecture`` or ``arch``) places the keys; GGUF
     files with no such package keep llama.cpp's names. ``dtype`` converts floating-point tensors.
-    Running the same conversion again after it was killed resumes where it stopped.
+    Running the same conversion again after it was killed resumes where it stopped; running it
+    again after it finished, with the source files unchanged, writes nothing and returns the
+    manifest already there. ``force=True`` converts everything again.
     """
+    manifest, _ = convert_or_reuse(src, out_dir, dtype=dtype, decider=decider, arch=arch,
+                                   config=config, progress=progress, force=force)  # fmt: skip
+    return manifest
+
+
+def convert_or_reuse(
+    src: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    decider: Decider | None = None,
+    arch: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    force: bool = False,
+) -> tuple[Manifest, bool]:
+    """:func:`convert`, also saying whether anything was written (False: it was up to date)."""
     source = open_source(src)
     config = dict(config if config is not None else source.config or {})
     target = parse_dtype(dtype)
     get, keys = source.get, source.keys
-    architecture = None if decider is not None else _architecture(source, config, arch)
+    what = _describe(src)
+    architecture = None if decider is not None else _architecture(source, config, arch, what)
     if architecture is not None:
+        architecture = _guarded(architecture, what, arch)
         if source.kind == "gguf" and architecture.config_from_gguf is not None:
             config = architecture.config_from_gguf({**config, **source.gguf_facts})
         if source.kind == "gguf":
@@ -64,15 +98,79 @@ def convert(
     if source.kind != "gguf" or architecture is not None:
         _check_layer_count(num_layers, config)
     stored_dtype = dtype_str(target) if target else None
-    stamp = f"{source.fingerprint}|{stored_dtype or ''}|{arch_name}"
-    writer = DirectoryWriter(out_dir, fingerprint=stamp if source.fingerprint else "")
+    stamp = _stamp(source, the_plan, config, stored_dtype, arch_name)
+    if not force and (done := finished_output(out_dir, stamp)) is not None:
+        log.info("%s is up to date: same source files, same options", out_dir)
+        return done, False
+    writer = DirectoryWriter(out_dir, fingerprint=stamp, resume=not force)
     write_planned(the_plan, get, writer, dtype=target, progress=progress)
     extra = _copy_tokenizer(source, src, writer.dir)
-    return writer.finish(arch_name, config, num_layers, stored_dtype, extra)
+    return writer.finish(arch_name, config, num_layers, stored_dtype, extra), True
+
+
+def _stamp(source: Source, the_plan: Plan, config: Mapping[str, Any], dtype: str | None,
+           arch_name: str) -> str:  # fmt: skip
+    """Identifies one conversion: the source files as they are now, the options and the plan.
+
+    Empty for a source that cannot be identified (a state dict in memory): never resumed.
+    """
+    if not source.fingerprint:
+        return ""
+    digest = hashlib.sha256()
+    for part in (source.fingerprint, fingerprint(source.tokenizer_files), dtype or "", arch_name,
+                 json.dumps(config, sort_keys=True, default=str),
+                 json.dumps(sorted(the_plan.files.items()))):  # fmt: skip
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _describe(src: Any) -> str:
+    return "the state dict" if isinstance(src, Mapping) else str(src)
+
+
+def _guarded(architecture: Architecture, src: str, arch: str | None) -> Architecture:
+    """The same architecture, its hooks' ``ValueError`` raised as a ConversionError.
+
+    A hook refusing the checkpoint is what the plugin contract says a ``ValueError`` means (see
+    :class:`Architecture`); the error then names the package and the source, and the ``arch``
+    choice when one was given. Other exceptions pass through: they are the package's bugs.
+    """
+
+    def guard(hook: Any) -> Any:
+        if hook is None:
+            return None
+
+        def call(*args: Any) -> Any:
+            try:
+                return hook(*args)
+            except SepweightError:
+                raise
+            except ValueError as exc:
+                raise _refused(architecture.name, src, arch, exc) from exc
+
+        return call
+
+    return replace(
+        architecture,
+        decider=guard(lambda config: guard(architecture.decider(config))),
+        config_from_gguf=guard(architecture.config_from_gguf),
+        gguf_rename=guard(architecture.gguf_rename),
+        gguf_transform=guard(architecture.gguf_transform),
+    )
+
+
+def _refused(name: str, src: str, arch: str | None, exc: ValueError) -> ConversionError:
+    message = f"the {name!r} model package cannot convert {src}: {exc}"
+    if arch is None:
+        return ConversionError(message)
+    question = "was given: is that the checkpoint's architecture?"
+    return ConversionError(
+        f"{message} (arch={arch!r} {question})", cli_message=f"{message} (--arch {arch} {question})"
+    )
 
 
 def _architecture(
-    source: Source, config: Mapping[str, Any], arch: str | None
+    source: Source, config: Mapping[str, Any], arch: str | None, what: str
 ) -> Architecture | None:
     if source.kind == "old-pth":
         return None  # its files already say where each tensor goes; ``arch`` only labels it
@@ -87,9 +185,11 @@ def _architecture(
             return None
     model_type = config.get("model_type")
     if model_type is None:
+        known = ", ".join(sorted(a.name for a in architectures())) or "none"
+        what = f"cannot tell the architecture of {what}: it has no config.json with a 'model_type'"
         raise ConversionError(
-            "cannot tell the architecture: the source has no config with a 'model_type'; "
-            "pass arch=..., config=... or an explicit decider"
+            f"{what}; pass arch= (installed: {known}), config= or an explicit decider",
+            cli_message=f"{what}; name it with --arch (installed: {known})",
         )
     return find_architecture(model_type=model_type)
 

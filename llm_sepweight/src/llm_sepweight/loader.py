@@ -122,15 +122,30 @@ def _place(
     return t if device is None else t.to(device)
 
 
-def verify(directory: str | os.PathLike[str], *, progress: bool = False) -> Manifest:
-    """Re-hash every file listed in the manifest; raise naming the first bad or missing file."""
+def verify(
+    directory: str | os.PathLike[str],
+    *,
+    part: str | PartSpec | None = None,
+    progress: bool = False,
+) -> Manifest:
+    """Re-hash the files against the manifest; raise naming the first bad or missing file.
+
+    Without ``part``, every file the manifest lists (and the manifest lists every layer). With
+    ``part`` (a spec such as ``"10-20"``), only the files :func:`files` gives for that part:
+    a node that holds just those files checks them. The manifest is read and checked either way.
+    Returns the manifest.
+    """
     from tqdm.auto import tqdm
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    for name in (mid_name(i) for i in range(manifest.num_layers)):
-        if name not in manifest.files:
-            raise FormatError(f"{directory / name} is not listed in the manifest")
-    for name in tqdm(manifest.files, desc="verify", unit="file", disable=not progress):
+    if part is None:
+        for name in (mid_name(i) for i in range(manifest.num_layers)):
+            if name not in manifest.files:
+                raise FormatError(f"{directory / name} is not listed in the manifest")
+        names = list(manifest.files)
+    else:
+        names = [p.name for p in files(directory, part)[1:]]  # [0] is the manifest itself
+    for name in tqdm(names, desc="verify", unit="file", disable=not progress):
         _check_file(directory, manifest, name, verify=True)
     return manifest

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ConversionError, FormatError
+from .manifest import MANIFEST, is_weight_file, read_manifest
 from .stfile import map_file, read_header
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def _open_hf(directory: Path) -> Source:
     if (directory / "model.safetensors.index.json").is_file():
         shards = _index(directory / "model.safetensors.index.json")
         return _safetensors_source("hf-sharded-safetensors", directory, shards, config, tokenizer)
-    singles = sorted(directory.glob("*.safetensors"))
+    # sepweight's own files are never a source: a directory may hold a conversion into itself
+    singles = sorted(p for p in directory.glob("*.safetensors") if not is_weight_file(p.name))
     if singles:
         shards = {k: p.name for p in singles for k in read_header(p).tensors}
         return _safetensors_source("hf-safetensors", directory, shards, config, tokenizer)
@@ -101,10 +103,31 @@ def _open_hf(directory: Path) -> Source:
     if bins:
         shards = {k: p.name for p in bins for k in _torch_load(p)}
         return _bin_source(directory, shards, config, tokenizer)
+    _refuse_sepweight(directory)
     raise ConversionError(
         f"{directory}: no model.safetensors, sharded safetensors index, pytorch_model*.bin, "
         "begin.pth/mid.NNNNN.pth layout or .gguf found"
     )
+
+
+def _refuse_sepweight(directory: Path) -> None:
+    """A sepweight directory (finished or not) as a source says so, in place of "no weights"."""
+    if (directory / MANIFEST).is_file():
+        try:
+            m = read_manifest(directory)
+        except FormatError:
+            return  # some other manifest.json: the generic message fits
+        what = f"{directory} is already a sepweight directory ({m.arch}, {m.num_layers} layers)"
+        raise ConversionError(
+            f"{what}: nothing to convert; load it as it is (verify() checks its files)",
+            cli_message=f"{what}: nothing to convert (llm-sepweight verify {directory} "
+            "checks its files)",
+        )
+    if any(is_weight_file(p.name) for p in directory.iterdir()):
+        raise ConversionError(
+            f"{directory} holds sepweight files but no manifest: it is the output of a "
+            "conversion that did not finish, not a source; run that conversion again"
+        )
 
 
 def _index(path: Path) -> dict[str, str]:

@@ -4,8 +4,10 @@ Memory: the writer holds the tensors of one output file at a time (one layer), f
 from the source, so a checkpoint larger than RAM converts. Safety: every file is written under a
 temporary name and renamed into place; ``manifest.json`` is removed first and written last, so a
 directory with a manifest is always complete. A journal (``.sepweight-progress.json``) records
-each finished file; a conversion killed half-way and run again with the same source and options
-skips the files that are already done and verifies the rest.
+each finished file under a fingerprint of the conversion (source files, options, plan); a
+conversion killed half-way and run again with the same source and options skips the files that
+are already done. The journal stays after the manifest is written, marked finished, so the same
+conversion run again finds its output up to date and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ import torch
 
 from .decider import Decider, file_of, placements
 from .errors import ConversionError, SepweightError
-from .manifest import BEGIN, END, MANIFEST, Manifest, is_weight_file, mid_name, write_manifest
+from .manifest import (
+    BEGIN,
+    END,
+    MANIFEST,
+    Manifest,
+    is_weight_file,
+    mid_name,
+    read_manifest,
+    write_manifest,
+)
 from .stfile import fsync_dir, temp_path, write_file
 
 log = logging.getLogger(__name__)
@@ -102,23 +113,21 @@ def plan(keys: Iterable[str], decider: Decider) -> Plan:
 class DirectoryWriter:
     """Writes the files of one sepweight directory, resumable through its journal."""
 
-    def __init__(self, out_dir: str | os.PathLike[str], fingerprint: str) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike[str], fingerprint: str, *, resume: bool = True
+    ) -> None:
         self.dir = Path(out_dir)
+        _check_out_dir(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / MANIFEST).unlink(missing_ok=True)
         for stale in self.dir.glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)
         self.fingerprint = fingerprint
-        self.done: dict[str, dict[str, Any]] = self._read_journal()
+        self.done: dict[str, dict[str, Any]] = self._read_journal() if resume else {}
 
     def _read_journal(self) -> dict[str, dict[str, Any]]:
-        if not self.fingerprint:
-            return {}  # a source that cannot be identified (in memory) is never resumed
-        try:
-            journal = json.loads((self.dir / JOURNAL).read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(journal, dict) or journal.get("fingerprint") != self.fingerprint:
+        journal = _journal(self.dir, self.fingerprint)
+        if journal is None:
             return {}
         done = {}
         for name, entry in dict(journal.get("files", {})).items():
@@ -129,10 +138,11 @@ class DirectoryWriter:
             log.info("resuming: %d files already written in %s", len(done), self.dir)
         return done
 
-    def _write_journal(self) -> None:
+    def _write_journal(self, finished: bool = False) -> None:
         path = self.dir / JOURNAL
         tmp = temp_path(path)
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "files": self.done}))
+        record = {"fingerprint": self.fingerprint, "files": self.done, "finished": finished}
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
 
     def is_done(self, name: str) -> bool:
@@ -147,7 +157,7 @@ class DirectoryWriter:
 
     def finish(self, arch: str, config: Mapping[str, Any], num_layers: int,
                dtype: str | None, extra: Iterable[str] = ()) -> Manifest:  # fmt: skip
-        """Write the manifest last, then drop the journal."""
+        """Write the manifest last, then mark the journal finished (or drop it: no fingerprint)."""
         from .stfile import hash_file
 
         expected = {BEGIN, END, *(mid_name(i) for i in range(num_layers))}
@@ -164,9 +174,51 @@ class DirectoryWriter:
         manifest = Manifest(arch=arch, num_layers=num_layers, dtype=dtype,
                             config=dict(config), files=dict(sorted(files.items())))  # fmt: skip
         write_manifest(self.dir, manifest)
-        (self.dir / JOURNAL).unlink(missing_ok=True)
+        if self.fingerprint:
+            self._write_journal(finished=True)
+        else:  # a conversion that cannot be identified is never found up to date
+            (self.dir / JOURNAL).unlink(missing_ok=True)
         fsync_dir(self.dir)
         return manifest
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"output {out_dir} exists and is not a directory")
+
+
+def _journal(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The journal of ``out_dir`` when it was written by the conversion ``fingerprint``."""
+    if not fingerprint:
+        return None  # a source that cannot be identified (in memory) is never resumed
+    try:
+        journal = json.loads((out_dir / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(journal, dict) or journal.get("fingerprint") != fingerprint:
+        return None
+    return journal
+
+
+def finished_output(out_dir: str | os.PathLike[str], fingerprint: str) -> Manifest | None:
+    """The manifest of ``out_dir`` when the conversion ``fingerprint`` completed there.
+
+    Up to date means: the journal of that conversion says it finished, the manifest reads, and
+    every file it lists exists with its recorded size. Files are not re-hashed (``verify`` does).
+    """
+    out_dir = Path(out_dir)
+    journal = _journal(out_dir, fingerprint)
+    if journal is None or journal.get("finished") is not True:
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except SepweightError:
+        return None
+    for name, entry in manifest.files.items():
+        path = out_dir / name
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            return None
+    return manifest
 
 
 def _dtype_bytes(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
