@@ -1,0 +1,290 @@
+"""``torchrun --nproc-per-node N -m llm_partial_run.launch DIR ...``: one model over N ranks.
+
+Each rank loads only its part of the sepweight model in DIR: ``--parts auto`` (the default)
+cuts it into N contiguous parts of about equal weight bytes (rank 0 holds begin, the last rank
+end); ``--parts "b 0-10,10-20,20-30 e"`` gives rank r the r-th spec, checked like any chain
+before anything loads. Ranks > 0 serve their part (:func:`llm_partial_run.dist.serve_rank`);
+rank 0 tokenizes, drives a :class:`~llm_partial_run.session.Pipeline` over its own part and a
+:class:`~llm_partial_run.dist.RankLink` per other rank, and either answers ``--prompt`` (or
+token ``--ids``) and exits, or serves the OpenAI-compatible HTTP API (``--api --port 8000``).
+
+Examples::
+
+    torchrun --nproc-per-node 3 -m llm_partial_run.launch ./smollm2 --prompt "Hello"
+    torchrun --nproc-per-node 2 -m llm_partial_run.launch ./llama --device cuda --api --port 8000
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:29500 \\
+        -m llm_partial_run.launch ./llama --parts auto --device cuda --api
+
+A rank that dies ends every other rank within ``--timeout`` seconds with an error naming it.
+Recovery is torchrun's: ``torchrun --max-restarts 3 ...`` starts the whole group again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from llm_sepweight import Manifest, PartSpec, read_manifest
+
+from .errors import ChainError, NodeError, PartialRunError
+from .transport import PartInfo
+
+log = logging.getLogger(__name__)
+
+
+def auto_parts(manifest: Manifest, n: int) -> list[str]:
+    """Cut the model into ``n`` contiguous parts of about equal weight bytes (the files' sizes
+    in the manifest): the first holds begin, the last end, each at least one layer. The cut
+    minimises the largest part (the pipeline's slowest stage)."""
+    layers = manifest.num_layers
+    if n < 1 or n > layers:
+        raise ChainError(
+            f"cannot cut a {layers}-layer model into {n} parts of at least one layer each: "
+            "use fewer ranks or give --parts"
+        )
+    size = {name: int(entry.get("bytes", 0)) for name, entry in manifest.files.items()}
+    mids = [size.get(f"mid.{i:05d}.safetensors", 0) for i in range(layers)]
+    cum = [0]
+    for b in mids:
+        cum.append(cum[-1] + b)
+
+    def weight(i: int, j: int) -> int:  # layers i..j-1, plus begin/end at the ends
+        extra = size.get("begin.safetensors", 0) if i == 0 else 0
+        return cum[j] - cum[i] + extra + (size.get("end.safetensors", 0) if j == layers else 0)
+
+    # best[k][j]: the smallest largest part when layers 0..j-1 are cut into k parts
+    inf = float("inf")
+    best = [[inf] * (layers + 1) for _ in range(n + 1)]
+    cut = [[0] * (layers + 1) for _ in range(n + 1)]
+    best[0][0] = 0
+    for k in range(1, n + 1):
+        for j in range(k, layers + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], weight(i, j))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    bounds, j = [layers], layers
+    for k in range(n, 0, -1):
+        j = cut[k][j]
+        bounds.append(j)
+    bounds.reverse()
+    specs = []
+    for k in range(n):
+        tokens = ["b"] if k == 0 else []
+        tokens.append(f"{bounds[k]}-{bounds[k + 1]}")
+        if k == n - 1:
+            tokens.append("e")
+        specs.append(" ".join(tokens))
+    return specs
+
+
+class _Planned:
+    """A stand-in link for the chain check before anything loads: just a name."""
+
+    def __init__(self, rank: int) -> None:
+        self.name = f"rank {rank}"
+
+
+def plan_parts(manifest: Manifest, parts: str, world_size: int) -> list[str]:
+    """The spec of every rank: ``parts`` is ``"auto"`` or one spec per rank, comma-separated
+    (``"b 0-10,10-20,20-30 e"``), checked like any chain (ChainError names the rank)."""
+    from .chain import check_chain
+
+    if parts.strip() == "auto":
+        return auto_parts(manifest, world_size)
+    specs = [s.strip() for s in parts.split(",")]
+    if len(specs) != world_size:
+        raise ChainError(
+            f"--parts gives {len(specs)} specs for {world_size} ranks: give one per rank, "
+            "comma-separated, or --parts auto"
+        )
+    infos = []
+    for rank, text in enumerate(specs):
+        spec = PartSpec.parse(text).resolve(manifest.num_layers)
+        infos.append((_Planned(rank), _planned_info(manifest, str(spec))))
+    seen: dict[str, int] = {}
+    for rank, (_, info) in enumerate(infos):
+        if info.spec in seen:
+            raise ChainError(
+                f"ranks {seen[info.spec]} and {rank} both hold part {info.spec!r}: each rank "
+                "holds its own part (a torchrun cluster has no spares; torchrun restarts it)"
+            )
+        seen[info.spec] = rank
+    check_chain(infos)
+    return [info.spec for _, info in infos]
+
+
+def _planned_info(manifest: Manifest, spec: str) -> PartInfo:
+    return PartInfo(arch=manifest.arch, spec=spec, num_layers=manifest.num_layers,
+                    dtype=manifest.dtype, device="planned")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's arguments (every rank parses the same command line)."""
+    p = argparse.ArgumentParser(
+        prog="torchrun --nproc-per-node N -m llm_partial_run.launch",
+        description="Run one sepweight model over the ranks torchrun starts: each rank holds a "
+        "part, rank 0 tokenizes, samples and answers.",
+    )
+    p.add_argument("directory", help="the sepweight model directory (the same path on every rank)")
+    p.add_argument(
+        "--parts",
+        default="auto",
+        help='"auto" (equal weight bytes) or one spec per rank: "b 0-10,10-20,20-30 e"',
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: gloo carries hidden states; cuda: rank r on cuda:LOCAL_RANK, NCCL",
+    )
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16, float16 (default: the model's)"
+    )
+    p.add_argument(
+        "--resident-layers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="stream each rank's layers, at most K on its device at once",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a rank may stay silent before the cluster stops (default 60)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip re-hashing the part's files")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    what.add_argument(
+        "--ids",
+        action="append",
+        help="a prompt as token ids '1,2,3' (repeat for a batch); prints JSON ids",
+    )
+    what.add_argument("--api", action="store_true", help="serve the OpenAI-compatible HTTP API")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--host", default="127.0.0.1", help="the API's address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="the API's port (default 8000)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    return p  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run this rank's share; returns the exit status (errors: one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    rank_text = os.environ.get("RANK", "?")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"%(asctime)s rank {rank_text} %(name)s %(levelname)s: %(message)s",
+    )
+    from .dist import close_ranks, init_ranks
+
+    try:
+        groups = init_ranks(args.device, timeout=args.timeout)
+        manifest = read_manifest(args.directory)
+        specs = plan_parts(manifest, args.parts, groups.world_size)
+        log.info("parts: %s", specs)
+        if groups.rank == 0:
+            _drive(args, groups, manifest, specs)
+        else:
+            _serve(args, groups, manifest, specs[groups.rank])
+    except (PartialRunError, OSError, ValueError) as exc:
+        print(f"llm_partial_run.launch: rank {rank_text}: error: {exc}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        os._exit(1)  # the process group's threads may still wait on a dead peer: do not join
+    close_ranks()
+    return 0
+
+
+def _load_link(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> Any:
+    from .local import LocalLink, part_info
+    from .parts import load_any_part
+
+    part = load_any_part(args.directory, spec, device=groups.device, dtype=args.dtype,
+                         verify=not args.no_verify,
+                         resident_layers=args.resident_layers)  # fmt: skip
+    model = os.path.basename(os.path.normpath(args.directory))
+    info = part_info(part, arch=manifest.arch, model=model)
+    return LocalLink(part, info=info, name=f"rank {groups.rank}")
+
+
+def _serve(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> None:
+    from .dist import serve_rank
+
+    serve_rank(_load_link(args, groups, manifest, spec), groups)
+
+
+def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: list[str]) -> None:
+    from .dist import Cluster
+    from .session import Pipeline
+
+    def fail_now(error: NodeError) -> None:  # a rank died while rank 0 was idle (API mode)
+        print(f"llm_partial_run.launch: rank 0: error: {error}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    own = _load_link(args, groups, manifest, specs[0])
+    with Cluster(groups, on_failure=fail_now) as cluster:
+        pipeline = Pipeline([own, *cluster.links])
+        if args.api:
+            _serve_api(args, pipeline)
+        else:
+            _answer(args, pipeline)
+
+
+def _answer(args: argparse.Namespace, pipeline: Any) -> None:
+    import llm_sampler
+
+    tokenizer = None
+    if args.ids:
+        rows = [[int(t) for t in text.split(",") if t.strip()] for text in args.ids]
+        stops, pad = None, 0
+    else:
+        from .text import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(args.directory)
+        prompts = args.prompt
+        if args.chat:
+            prompts = [_chat(tokenizer, p) for p in prompts]
+        rows = [tokenizer.encode(p, add_special_tokens=not args.chat) for p in prompts]
+        stops = tokenizer.eos_token_ids or None
+        pad = tokenizer.pad_token_id or 0
+    if not rows or not all(rows):
+        raise PartialRunError("every prompt needs at least one token")
+    max_len = max(len(r) for r in rows) + args.max_new_tokens
+    sampling = None
+    if args.temperature > 0:
+        sampling = llm_sampler.SamplingConfig(temperature=args.temperature)
+    with pipeline.session(batch_size=len(rows), max_len=max_len) as session:
+        out = llm_sampler.generate(
+            session, rows, max_new_tokens=args.max_new_tokens, cached=True, sampling=sampling,
+            seed=args.seed, stop_token_ids=stops, pad_token_id=pad,
+        )  # fmt: skip
+    if tokenizer is None:
+        print(json.dumps({"tokens": out}), flush=True)
+    else:
+        for tokens in out:
+            print(tokenizer.decode(tokens), flush=True)
+
+
+def _chat(tokenizer: Any, prompt: str) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _serve_api(args: argparse.Namespace, pipeline: Any) -> None:
+    from . import api
+
+    api.serve_pipeline(pipeline, directory=args.directory, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""torch.distributed as a transport: the wire, the worker loop, RankLink, faults, and whole models.
+
+Ranks are real processes on 127.0.0.1 (gloo), started the way a user would: ``torchrun -m
+llm_partial_run.launch`` for the models; this file run as a script under the env:// rendezvous
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) for the transport on fake parts and
+for the faults (torchrun would itself kill the group when a rank dies; these tests check that
+the ranks end on their own). Each launch imports torch in three processes, so a launch is shared
+by the tests of one scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_partial_run.dist import DTYPES, HEADER_LEN, MAGIC, Header, Kind
+from llm_partial_run.errors import ChainError, PartialRunError
+from llm_partial_run.launch import auto_parts, plan_parts
+from llm_sepweight import Manifest
+
+HERE = Path(__file__).resolve()
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+LAUNCH_TIMEOUT = 240.0
+FAULT_TIMEOUT = 20.0  # the ranks' --timeout in the fault tests
+
+
+# ---- the header protocol (no processes) -----------------------------------------------------
+
+
+def test_header_round_trips_every_field():
+    header = Header(Kind.FORWARD, session=7, step=3, a=2, b=64, x_dtype=torch.bfloat16,
+                    x_shape=(2, 5, 576), mask=True, nbytes=11, nanos=12345, status=0)  # fmt: skip
+    t = header.to_tensor()
+    assert t.dtype == torch.int64 and t.shape == (HEADER_LEN,) and int(t[0]) == MAGIC
+    assert Header.from_tensor(t) == header
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d is not None])
+def test_header_carries_every_dtype(dtype):
+    header = Header(Kind.OK, x_dtype=dtype, x_shape=(1, 2, 3))
+    assert Header.from_tensor(header.to_tensor()).x_dtype == dtype
+
+
+def test_a_foreign_header_is_refused_with_the_reason():
+    bad = Header(Kind.PING).to_tensor()
+    bad[0] = 1234
+    with pytest.raises(PartialRunError, match="not llm_partial_run wire version 1"):
+        Header.from_tensor(bad)
+    bad = Header(Kind.PING).to_tensor()
+    bad[1] = 55  # no such kind
+    with pytest.raises(PartialRunError, match="malformed header"):
+        Header.from_tensor(bad)
+
+
+def test_a_tensor_the_header_cannot_describe_is_refused():
+    with pytest.raises(PartialRunError, match="at most 4"):
+        Header(Kind.OK, x_dtype=torch.float32, x_shape=(1, 1, 1, 1, 1)).to_tensor()
+    with pytest.raises(PartialRunError, match="cannot be sent"):
+        Header(Kind.OK, x_dtype=torch.complex64, x_shape=(1,)).to_tensor()
+
+
+# ---- planning the parts -----------------------------------------------------------------------
+
+
+def _manifest(begin: int, mids: list[int], end: int) -> Manifest:
+    files = {"begin.safetensors": {"bytes": begin}, "end.safetensors": {"bytes": end}}
+    files.update({f"mid.{i:05d}.safetensors": {"bytes": b} for i, b in enumerate(mids)})
+    return Manifest(arch="llama", num_layers=len(mids), dtype="float32", files=files)
+
+
+def test_auto_parts_cut_equal_weight_bytes():
+    # begin and end each weigh three layers: a cut by layer count (0-4 | 4-8 | 8-12) would give
+    # 7 | 4 | 7; by bytes every rank holds 6
+    assert auto_parts(_manifest(3, [1] * 12, 3), 3) == ["b 0-3", "3-9", "9-12 e"]
+    assert auto_parts(_manifest(0, [1] * 6, 0), 3) == ["b 0-2", "2-4", "4-6 e"]
+    assert auto_parts(_manifest(5, [1] * 4, 1), 1) == ["b 0-4 e"]
+    with pytest.raises(ChainError, match="at least one layer"):
+        auto_parts(_manifest(1, [1] * 2, 1), 3)
+
+
+def test_given_parts_are_checked_like_any_chain():
+    manifest = _manifest(1, [1] * 6, 1)
+    assert plan_parts(manifest, "b 0-2, 2-4 ,4-6 e", 3) == ["b 0-2", "2-4", "4-6 e"]
+    assert plan_parts(manifest, "2-4,b 0-2,4-6 e", 3) == ["2-4", "b 0-2", "4-6 e"]  # any rank
+    with pytest.raises(ChainError, match="gap: no node holds layers 3-4"):
+        plan_parts(manifest, "b 0-2,2-3,4-6 e", 3)
+    with pytest.raises(ChainError, match="2 specs for 3 ranks"):
+        plan_parts(manifest, "b 0-3,3-6 e", 3)
+    with pytest.raises(ChainError, match="ranks 0 and 1 both hold"):
+        plan_parts(manifest, "b 0-6 e,b 0-6 e", 2)
+    with pytest.raises(ChainError, match="no node holds end"):
+        plan_parts(manifest, "b 0-2,2-6", 2)
+
+
+# ---- ranks in processes -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+@dataclass
+class Ranks:
+    """Rank processes started with the env:// rendezvous (each this file run as a script)."""
+
+    procs: list[subprocess.Popen]
+
+    @classmethod
+    def start(cls, world: int, *args: str) -> Ranks:
+        port = str(_free_port())
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(HERE), *args],
+                env=_env(
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=port,
+                    RANK=str(r),
+                    WORLD_SIZE=str(world),
+                    LOCAL_RANK=str(r),
+                ),  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for r in range(world)
+        ]
+        return cls(procs)
+
+    def wait_line(self, rank: int, prefix: str, timeout: float = LAUNCH_TIMEOUT) -> str:
+        """Read rank's stdout until a line starting with ``prefix`` (fails if it exits first)."""
+        stream = self.procs[rank].stdout
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([stream], [], [], left)[0]:
+                break
+            line = stream.readline()
+            if line.startswith(prefix):
+                return line
+            if not line:
+                self.procs[rank].wait()
+                raise AssertionError(f"rank {rank} exited: {self.procs[rank].stderr.read()}")
+        raise AssertionError(f"rank {rank} printed no {prefix!r} line within {timeout} s")
+
+    def finish(self, timeout: float = LAUNCH_TIMEOUT) -> list[tuple[int, str, str]]:
+        """Wait for every rank: (exit code, stdout rest, stderr) per rank."""
+        out = []
+        for proc in self.procs:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            out.append((proc.returncode, stdout, stderr))
+        return out
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+# ---- fake parts: the transport alone ----------------------------------------------------------
+
+
+class FakeCache:
+    """A cache that counts positions and keeps per-row offsets (so keep_rows/join show)."""
+
+    def __init__(self, batch_size: int, max_len: int) -> None:
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.offset = torch.arange(batch_size, dtype=torch.float32) * 100
+        self.layers: list = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.offset)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.offset = self.offset[rows]
+
+    def join(self, other: FakeCache) -> None:
+        self.offset = torch.cat((self.offset, other.offset))
+
+
+class FakePart:
+    """Rank r's part of a 3-layer 'model' of width 4: begin turns ids into floats, layer 1
+    doubles (and fails on values >= 999), end adds one; each part adds its cache's position
+    count and row offset."""
+
+    def __init__(self, rank: int) -> None:
+        from types import SimpleNamespace
+
+        from llm_sepweight import PartSpec
+
+        self.rank = rank
+        self.spec = PartSpec.parse(["b 0-1", "1-2", "2-3 e"][rank])
+        self.config = SimpleNamespace(num_hidden_layers=3)
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def new_cache(self, batch_size: int, max_len: int) -> FakeCache:
+        return FakeCache(batch_size, max_len)
+
+    def cache_bytes(self, batch_size: int, max_len: int) -> int:
+        return 8 * batch_size * max_len
+
+    def __call__(self, x, mask=None, cache=None):
+        if self.rank == 0:
+            x = x.float()[..., None].repeat(1, 1, 4)
+        elif self.rank == 1:
+            if float(x.max()) >= 999:
+                raise ValueError(f"value {float(x.max())} is out of range")
+            x = x * 2
+        else:
+            x = x + 1
+        if cache is not None:
+            x = x + (cache.length + cache.offset[: x.shape[0], None, None]).to(x.dtype)
+            cache.length += x.shape[1]
+        if mask is not None:
+            x = x * mask[..., None]
+        return x
+
+
+def _fake_main(mode: str) -> None:
+    """A rank of the fake cluster: ranks > 0 serve; rank 0 runs the scenario ``mode``."""
+    from llm_partial_run.dist import Cluster, close_ranks, init_ranks, serve_rank
+    from llm_partial_run.errors import NodeError
+    from llm_partial_run.local import LocalLink, part_info
+
+    groups = init_ranks("cpu", timeout=FAULT_TIMEOUT)
+    link = LocalLink(FakePart(groups.rank), info=part_info(FakePart(groups.rank), arch="fake"),
+                     name=f"rank {groups.rank}")  # fmt: skip
+    try:
+        if groups.rank > 0:
+            print("serving", flush=True)
+            serve_rank(link, groups)
+            print("stopped", flush=True)
+        else:
+            with Cluster(groups) as cluster:
+                scenario = {"calls": _scenario_calls, "kill": _scenario_kill}[mode]
+                print("result " + json.dumps(scenario(link, cluster)), flush=True)
+    except NodeError as exc:
+        print(f"error {exc}", file=sys.stderr, flush=True)
+        os._exit(3)
+    close_ranks()
+
+
+def _scenario_calls(local, cluster) -> dict:
+    from llm_partial_run.dist import forward_in_flight
+    from llm_partial_run.errors import SessionError
+    from llm_partial_run.session import Pipeline
+
+    found: dict = {}
+    pipeline = Pipeline([cluster.links[1], local, cluster.links[0]])  # ordered by the chain
+    found["chain"] = [link.name for link in pipeline.links]
+    found["infos"] = [info.spec for info in pipeline.infos]
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    with pipeline.session(batch_size=2, max_len=16) as session:
+        found["step0"] = session(ids, mask).tolist()
+        found["step1"] = session(ids[:, -1:], None).tolist()
+        session.keep_rows([1])
+        found["kept"] = session(ids[:1, -1:], None).tolist()
+        rank2 = cluster.links[1]
+        found["repeat"] = rank2.forward(session.id, 2, torch.ones(1, 1, 4), None)[0].tolist()
+        try:
+            rank2.forward(session.id, 9, torch.ones(1, 1, 4), None)
+        except SessionError as exc:
+            found["out_of_order"] = str(exc)
+    with pipeline.session(batch_size=1, max_len=8) as session:
+        try:
+            session(torch.tensor([[999]]), None)
+        except SessionError as exc:
+            found["part_error"] = str(exc)
+    a, b = pipeline.session(1, 8), pipeline.session(1, 8)
+    a(torch.tensor([[1]])), b(torch.tensor([[2]]))
+    a.join(b)
+    found["joined"] = a(torch.tensor([[1], [2]])).tolist()
+    a.close()
+    sessions = [pipeline.session(1, 8) for _ in range(4)]
+    xs = [torch.tensor([[k]]) for k in range(4)]
+    outs = forward_in_flight(pipeline.links, [s.id for s in sessions], 0, xs)
+    found["in_flight"] = [o.tolist() for o in outs]
+    found["bf16"] = cluster.links[0].forward(sessions[0].id, 1,
+                                             torch.full((1, 1, 4), 1.5, dtype=torch.bfloat16),
+                                             None)[0].dtype.__repr__()  # fmt: skip
+    for s in sessions:
+        s.close()
+    found["sessions_left"] = [link.stats()["sessions"] for link in [local]]
+    return found
+
+
+def _scenario_kill(local, cluster) -> dict:
+    from llm_partial_run.session import Pipeline
+
+    pipeline = Pipeline([local, *cluster.links])
+    with pipeline.session(batch_size=1, max_len=1 << 20) as session:
+        for step in range(1 << 20):
+            session(torch.tensor([[1]]), None)
+            print(f"step {step}", flush=True)
+            time.sleep(0.01)
+    return {}
+
+
+@pytest.fixture(scope="module")
+def fake_calls():
+    """The 'calls' scenario run once on three fake ranks: rank 0's findings and every exit."""
+    ranks = Ranks.start(3, "fake", "calls")
+    try:
+        line = ranks.wait_line(0, "result ")
+        return json.loads(line.removeprefix("result ")), ranks.finish()
+    finally:
+        ranks.kill_all()
+
+
+def _expected(ids, mask, length, offsets):
+    """What the three fake parts compute (see FakePart)."""
+    x = torch.tensor(ids, dtype=torch.float32)[..., None].repeat(1, 1, 4)
+    off = torch.tensor(offsets)[:, None, None]
+    m = torch.tensor(mask, dtype=torch.float32)[..., None]
+    x = (x + length + off) * m
+    x = (x * 2 + length + off) * m
+    return ((x + 1 + length + off) * m).tolist()
+
+
+def test_rank_links_form_a_chain_in_spec_order(fake_calls):
+    found, _ = fake_calls
+    assert found["chain"] == ["rank 0", "rank 1", "rank 2"]
+    assert found["infos"] == ["b 0-1", "1-2", "2-3 e"]
+
+
+def test_steps_keep_rows_and_join_reach_every_rank(fake_calls):
+    found, _ = fake_calls
+    assert found["step0"] == _expected([[1, 2, 3], [4, 5, 6]], [[0, 1, 1], [1] * 3], 0, [0, 100])
+    assert found["step1"] == _expected([[3], [6]], [[1], [1]], 3, [0, 100])
+    assert found["kept"] == _expected([[3]], [[1]], 4, [100])
+    assert found["joined"] == _expected([[1], [2]], [[1], [1]], 1, [0, 0])
+
+
+def test_a_repeated_step_answers_again_and_a_wrong_step_is_refused(fake_calls):
+    found, _ = fake_calls
+    assert found["repeat"] == found["kept"]  # rank 2 answered step 2 from its last output
+    assert "expects step 3, got 9" in found["out_of_order"]
+
+
+def test_a_failing_call_comes_back_as_an_error_and_the_rank_goes_on(fake_calls):
+    found, exits = fake_calls
+    assert found["part_error"] == "rank 1 refused FORWARD: ValueError: value 999.0 is out of range"
+
+    assert found["in_flight"] == [_expected([[k]], [[1]], 0, [0]) for k in range(4)]
+    assert found["bf16"] == "torch.bfloat16"
+    assert found["sessions_left"] == [0]
+    assert [code for code, _, _ in exits] == [0, 0, 0], exits
+    assert all("stopped" in out for _, out, _ in exits[1:])
+
+
+def _assert_all_end_naming(ranks: Ranks, victim: int) -> None:
+    ranks.wait_line(0, "step 3")
+    killed_at = time.monotonic()
+    ranks.procs[victim].send_signal(signal.SIGKILL)
+    exits = ranks.finish(timeout=FAULT_TIMEOUT + 30)
+    took = time.monotonic() - killed_at
+    assert took < FAULT_TIMEOUT, f"the other ranks took {took:.1f} s to end"
+    for rank, (code, _, stderr) in enumerate(exits):
+        if rank == victim:
+            assert code == -signal.SIGKILL
+            continue
+        assert code != 0, f"rank {rank} exited cleanly after rank {victim} died"
+        assert f"rank {victim}" in stderr, stderr
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim):
+    ranks = Ranks.start(3, "fake", "kill")
+    try:
+        _assert_all_end_naming(ranks, victim)
+    finally:
+        ranks.kill_all()
+
+
+if __name__ == "__main__":
+    _fake_main(sys.argv[2])
