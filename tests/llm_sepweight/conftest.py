@@ -86,6 +86,41 @@ def expected_layout(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+class CliResult:
+    """What one run of the command line did: exit status, stdout and stderr."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args, ok: bool = True) -> CliResult:
+    """Run the command line in this process (importing torch once), capturing its output."""
+    import contextlib
+    import io
+
+    from llm_sepweight.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    proc = CliResult(code, out.getvalue(), err.getvalue())
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc
+
+
+def cli_error(*args, code: int = 1) -> str:
+    """Run a command line that must fail: exit ``code``, one line on stderr, no traceback."""
+    proc = run_cli(*args, ok=False)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llm-sepweight"), proc.stderr
+    return lines[0]
+
+
 class Helpers:
     """Helper functions handed to tests through the ``sw`` fixture."""
 
@@ -93,6 +128,8 @@ class Helpers:
     llama_decider = staticmethod(llama_decider)
     expected_layout = staticmethod(expected_layout)
     save_bin = staticmethod(save_bin)
+    run_cli = staticmethod(run_cli)
+    cli_error = staticmethod(cli_error)
 
     @staticmethod
     def assert_directory_holds(directory, state, dtype=None):

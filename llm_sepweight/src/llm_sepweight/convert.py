@@ -219,6 +219,9 @@ def _copy_tokenizer(source: Source, src: Any, out_dir: Path) -> list[str]:
     """Copy tokenizer files next to the weights; for GGUF, rebuild them with transformers."""
     names = []
     for path in source.tokenizer_files:
+        if path.resolve() == (out_dir / path.name).resolve():  # converting into the source
+            names.append(path.name)
+            continue
         tmp = temp_path(out_dir / path.name)
         shutil.copyfile(path, tmp)
         os.replace(tmp, out_dir / path.name)
