@@ -40,6 +40,7 @@ class NodeProcess:
         """SIGTERM, then wait (SIGKILL if it does not exit within 10 s)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        if self.proc.returncode is None:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -148,8 +149,7 @@ def node_process() -> Iterator[Callable[..., NodeProcess]]:
         return node
 
     yield start
-    for node in started:
-        node.stop()
+    _stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -168,9 +168,16 @@ def shared_nodes() -> Iterator[Callable[[Path, tuple[str, ...]], list[str]]]:
         return [node.address for node in running[key]]
 
     yield get
-    for nodes in running.values():
-        for node in nodes:
-            node.stop()
+    stopping = [node for nodes in running.values() for node in nodes]
+    _stop_all(stopping)
+
+
+def _stop_all(nodes: list[NodeProcess]) -> None:
+    for node in nodes:  # signal every node first: they shut down at the same time
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+    for node in nodes:
+        node.stop()
 
 
 @pytest.fixture(autouse=True)
