@@ -5,6 +5,7 @@
 #   bash dev.sh test    the whole test suite
 #   bash dev.sh bench NAME   run bench/NAME.py
 #   bash dev.sh setup   only install
+# A missing or unknown command (or a bench without a known NAME) prints this usage, exit 2.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -27,8 +28,26 @@ setup() {
     echo "$stamp" > .venv/.dev-installed
 }
 
-cmd=${1:-test}
-shift || true
+usage() {
+    local benches
+    benches=$(cd bench && ls -- *.py | sed 's/\.py$//' | tr '\n' ' ')
+    echo "usage: bash dev.sh {demo|test [PYTEST ARGS]|bench NAME [ARGS]|setup}" >&2
+    echo "  bench NAMEs: ${benches% }" >&2
+    [ -n "${1:-}" ] && echo "dev.sh: $1" >&2
+    exit 2
+}
+
+# Arguments are checked before the set-up, so a typo installs nothing.
+[ $# -ge 1 ] || usage "no command given"
+cmd=$1
+shift
+case "$cmd" in
+    setup|demo|test) ;;
+    bench)
+        [ $# -ge 1 ] || usage "bench needs a NAME"
+        [ -f "bench/$1.py" ] || usage "no benchmark bench/$1.py" ;;
+    *) usage "unknown command '$cmd'" ;;
+esac
 setup
 case "$cmd" in
     setup) ;;
@@ -41,5 +60,4 @@ case "$cmd" in
         [ $rc -eq 5 ] && echo "dev.sh: no tests were collected" >&2
         exit $rc ;;
     bench) name=$1; shift; exec .venv/bin/python "bench/$name.py" "$@" ;;
-    *) echo "usage: bash dev.sh {demo|test|bench NAME|setup}" >&2; exit 2 ;;
 esac
