@@ -1,0 +1,227 @@
+"""A part whose layers are streamed through at most K slots: a model larger than the device runs.
+
+``load_streamed(directory, spec, resident_layers=K)`` builds the part's begin and end with their
+weights and every layer weightless (the slice contract's ``layers=False``), maps the layers'
+``mid.NNNNN`` files, and returns a :class:`StreamedPart`: the same surface as a part (``spec``,
+``config``, ``dtype``, ``device``, ``new_cache``, ``cache_bytes``, ``part(x, mask, cache)``), so a
+node, a local model or the sampler use it in place of a resident one. A call runs::
+
+    h, step = part.prepare(x, mask, cache)
+    for i in range(n):                     # the loader thread is already loading i + 1 ...
+        part.set_layer_weights(i, stream.get(i))
+        h = part.layers[i](h, step, cache.layers[i])
+        part.drop_layer_weights(i); stream.done(i)
+    out = part.complete(h, step, cache)
+
+so the whole batch goes through a layer before its weights leave (layer-major batching: one
+weight pass per step, whatever the batch size). :mod:`llm_partial_run.weightring` moves the
+bytes; ``StreamedPart.stats`` says where the time went.
+
+On a CPU the layers are computed directly on their memory-mapped files (no copy: the loader
+thread maps the next layer's pages in while one computes, and a layer's pages leave the process
+after it ran); with ``pack=True`` the part packs each layer as it arrives (one copy per layer per
+call: faster products, more memory traffic). On CUDA the layers go through pinned host buffers
+into ``K`` reused device slots on a side stream.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_sepweight import PartSpec, find_architecture, load, read_manifest
+from llm_sepweight.manifest import mid_name
+
+from .errors import PartialRunError
+from .weightring import CudaPath, HostPath, LayerFile, LayerStream, StreamStats
+
+
+class StreamedPart:
+    """A part of a model whose layers' weights are streamed, at most ``resident_layers`` at once.
+
+    Use it as the part itself: ``out = streamed(x, mask, cache)`` with a cache from
+    ``streamed.new_cache(batch_size, max_len)``. ``stats`` (a :class:`StreamStats`) counts the
+    bytes and seconds of each stage and how much of the loading the compute hid. Close it (or
+    use it as a context manager) to stop its loader thread.
+    """
+
+    def __init__(
+        self,
+        part: torch.nn.Module,
+        files: list[LayerFile],
+        *,
+        resident_layers: int,
+        device: torch.device,
+        prefetch: bool,
+        readahead: int = 2,
+    ) -> None:
+        self.part = part
+        self.files = files
+        self.resident_layers = resident_layers
+        self._device = device
+        self.stats = StreamStats()
+        dtype = part.dtype
+        if device.type == "cuda":
+            path: HostPath | CudaPath = CudaPath(
+                files, min(resident_layers, max(1, len(files))), device, dtype, self.stats
+            )
+        else:
+            path = HostPath(files, dtype, self.stats)
+        self._stream = LayerStream(
+            path,
+            len(files),
+            resident_layers,
+            prefetch=prefetch and len(files) > 0,
+            stats=self.stats,
+            readahead=readahead,
+        )
+        self._lock = threading.Lock()
+        self._closed = False
+        if self._stream.keep:  # everything fits: set every layer once and keep it
+            for i in range(len(files)):
+                part.set_layer_weights(i, self._stream.get(i))
+
+    @property
+    def spec(self) -> PartSpec:
+        """The resolved part spec (``part.spec``)."""
+        return self.part.spec
+
+    @property
+    def config(self) -> Any:
+        """The model's config, as the part has it."""
+        return self.part.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the part's weights and hidden states."""
+        return self.part.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the layers run on."""
+        return self._device
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether a loader thread loads the next layers while one computes."""
+        return self._stream.prefetch
+
+    def new_cache(self, batch_size: int, max_len: int) -> Any:
+        """A KV cache for ``batch_size`` rows of ``max_len`` positions (``part.new_cache``)."""
+        return self.part.new_cache(batch_size, max_len)
+
+    def cache_bytes(self, batch_size: int, max_len: int) -> int:
+        """Bytes ``new_cache`` would allocate (``part.cache_bytes``)."""
+        return self.part.cache_bytes(batch_size, max_len)
+
+    def layer_bytes(self) -> list[int]:
+        """The weight bytes of each of the part's layers, in order."""
+        return [f.nbytes for f in self.files]
+
+    @torch.no_grad()
+    def __call__(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None
+    ) -> torch.Tensor:
+        """Run the part on ``x`` exactly as the resident part would (see the module doc)."""
+        if self._closed:
+            raise PartialRunError("this StreamedPart is closed")
+        with self._lock:
+            part, stream, stats = self.part, self._stream, self.stats
+            h, step = part.prepare(x, mask, cache)
+            for i in range(len(part.layers)):
+                tensors = stream.get(i)
+                start = time.perf_counter()
+                try:
+                    if not stream.keep:
+                        part.set_layer_weights(i, tensors)
+                    del tensors
+                    h = part.layers[i](h, step, None if cache is None else cache.layers[i])
+                finally:
+                    if not stream.keep:
+                        part.drop_layer_weights(i)
+                        stream.done(i)
+                stats.compute_seconds += time.perf_counter() - start
+            stats.calls += 1
+            stats.layers += len(part.layers)
+            return part.complete(h, step, cache)
+
+    forward = __call__
+
+    def evict(self) -> None:
+        """Drop the layers' files from the page cache (benchmarks: the next pass reads the disk)."""
+        for f in self.files:
+            f.evict()
+
+    def close(self) -> None:
+        """Stop the loader thread and release the layers it holds; further calls raise."""
+        if not self._closed:
+            self._closed = True
+            with self._lock:
+                self._stream.close()
+
+    def __enter__(self) -> StreamedPart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamedPart({str(self.spec)!r}, resident_layers={self.resident_layers}, "
+            f"device={self.device}, prefetch={self.prefetch})"
+        )
+
+
+def load_streamed(
+    directory: str | os.PathLike[str],
+    spec: str | PartSpec = "f",
+    *,
+    resident_layers: int,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    prefetch: bool = True,
+    pack: bool | None = None,
+    verify: bool = False,
+    readahead: int = 2,
+) -> StreamedPart:
+    """Load part ``spec`` of the sepweight model in ``directory`` with its layers streamed.
+
+    ``resident_layers`` (K >= 1) bounds how many layers' weights are in memory (on ``device``)
+    at once, counting the one computing and those loaded ahead; with K >= the part's layer
+    count every layer is loaded once and kept. ``prefetch`` loads the next layers on a
+    background thread while one computes (with K = 1 only the page-cache read-ahead can run
+    ahead). ``pack`` is passed to the model package's ``load_part``: None means False, i.e.
+    layers computed on their mapped file bytes (CPU) or device slot (CUDA) with no copy.
+    ``verify`` re-hashes the part's files first; ``readahead`` is how many layers past the one
+    being loaded the page cache is asked to read.
+    """
+    if not isinstance(resident_layers, int) or resident_layers < 1:
+        raise PartialRunError(f"resident_layers must be an integer >= 1, got {resident_layers!r}")
+    if readahead < 0:
+        raise PartialRunError(f"readahead must be >= 0, got {readahead}")
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    resolved = PartSpec.parse(spec).resolve(manifest.num_layers)
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    arch = find_architecture(name=manifest.arch)
+    weights = load(directory, resolved, verify=verify)  # maps the part's files, reads nothing
+    files = [LayerFile(directory / mid_name(i), weights.layers[i]) for i in resolved.layers]
+    del weights
+    part = arch.load_part(
+        directory, resolved, device=device, dtype=dtype, pack=bool(pack), layers=False
+    )
+    return StreamedPart(
+        part,
+        files,
+        resident_layers=resident_layers,
+        device=device,
+        prefetch=prefetch,
+        readahead=readahead,
+    )

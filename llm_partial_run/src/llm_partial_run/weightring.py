@@ -1,0 +1,490 @@
+"""Layer weights on their way from disk to the device: memory maps, a loader thread, a CUDA ring.
+
+A :class:`LayerStream` hands out the weights of a part's layers in order ``0, 1, ..., n-1, 0, ...``
+(one pass per forward call) and keeps at most ``slots`` layers in the process's memory at once:
+the one computing plus those loaded ahead. Its loader thread works one pass ahead of the compute,
+so layer 0 of the next call loads while the head of this one runs.
+
+Stages, each timed in :class:`StreamStats`:
+
+* ``readahead`` -- disk -> page cache (``posix_fadvise(WILLNEED)``: asynchronous, for the layers
+  after the ones being loaded; page cache is the kernel's, not this process's, memory).
+* ``map`` -- page cache -> this process (``madvise(MADV_POPULATE_READ)`` on the layer's private
+  memory map: the page tables are filled at once instead of a fault at a time during compute).
+* ``convert`` -- a dtype change on the CPU (a copy), only when the part's dtype is not the file's.
+* ``host_copy`` / ``to_device`` (CUDA) -- the map into a reused pinned buffer, then a
+  non-blocking copy into a reused device slot on a side stream, ordered by events.
+
+After a layer has run, its pages leave the process (``madvise(MADV_DONTNEED)``: the map stays,
+the next touch reads the page cache or the disk again), so the resident set holds ``slots``
+layers, not the part.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import PartialRunError
+
+log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; not in Python's mmap module before 3.13
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+
+STAGES = ("readahead", "map", "convert", "host_copy", "to_device")
+
+
+@dataclass
+class StreamStats:
+    """What streaming cost and how much of it the compute hid.
+
+    ``seconds[stage]`` / ``bytes[stage]`` per stage (see :data:`STAGES`); ``wait_seconds`` is
+    the time the compute stood still waiting for a layer (the load time *not* hidden);
+    ``compute_seconds`` the time spent inside the layers (with their weights' setting and
+    dropping); ``calls`` forward calls, ``layers`` layers run.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    wait_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    calls: int = 0
+    layers: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, stage: str, seconds: float, nbytes: int) -> None:
+        """Count ``nbytes`` moved by ``stage`` in ``seconds`` (thread-safe)."""
+        with self._lock:
+            self.seconds[stage] += seconds
+            self.bytes[stage] += nbytes
+
+    @property
+    def load_seconds(self) -> float:
+        """Time spent loading (every stage), in the loader thread or in the caller's."""
+        return sum(self.seconds.values())
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of the load time that ran while the compute was busy (0 to 1)."""
+        load = self.load_seconds
+        return 0.0 if load <= 0 else max(0.0, 1.0 - self.wait_seconds / load)
+
+    def gb_per_s(self, stage: str) -> float:
+        """Achieved rate of one stage in GB/s (10^9 bytes per second; 0 when it never ran)."""
+        seconds = self.seconds[stage]
+        return 0.0 if seconds <= 0 else self.bytes[stage] / seconds / 1e9
+
+    def reset(self) -> None:
+        """Zero every counter (e.g. after a warm-up)."""
+        with self._lock:
+            self.seconds = dict.fromkeys(STAGES, 0.0)
+            self.bytes = dict.fromkeys(STAGES, 0)
+            self.wait_seconds = self.compute_seconds = 0.0
+            self.calls = self.layers = 0
+
+    def report(self) -> str:
+        """A few lines for a person: per-stage GB/s and how much of the load was hidden."""
+        lines = [
+            f"streamed {self.layers} layers in {self.calls} calls: compute "
+            f"{self.compute_seconds:.3f} s, load {self.load_seconds:.3f} s, waited "
+            f"{self.wait_seconds:.3f} s ({100 * self.hidden_fraction:.0f}% of the load hidden)"
+        ]
+        for stage in STAGES:
+            if self.bytes[stage] or self.seconds[stage]:
+                lines.append(
+                    f"  {stage:<10} {self.bytes[stage] / 1e9:8.3f} GB in "
+                    f"{self.seconds[stage]:7.3f} s = {self.gb_per_s(stage):7.2f} GB/s"
+                )
+        return "\n".join(lines)
+
+
+class LayerFile:
+    """One layer's tensors as views of its private memory map, and the map's pages managed.
+
+    ``tensors`` are views of the map (from :func:`llm_sepweight.load`); ``populate`` brings the
+    pages in, ``release`` sends them out of this process again (the views stay valid: a later
+    touch reads the file again), ``readahead`` / ``evict`` ask the kernel to read the file into,
+    or drop it from, the page cache.
+    """
+
+    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.path = path
+        self.tensors = dict(tensors)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        self._range = _mapped_range(path, self.tensors.values())
+
+    def readahead(self) -> None:
+        """Start reading the file into the page cache (returns at once)."""
+        _fadvise(self.path, os.POSIX_FADV_WILLNEED if hasattr(os, "posix_fadvise") else 0)
+
+    def populate(self) -> None:
+        """Map every page of the layer into this process now (reading the disk if need be)."""
+        if self._range is None or not _madvise(*self._range, _MADV_POPULATE_READ):
+            for t in self.tensors.values():  # no populate advice: one read per page
+                if t.numel():
+                    t.view(-1)[:: max(1, _PAGE // t.element_size())].sum()
+
+    def release(self) -> None:
+        """Unmap the layer's pages from this process (its resident set shrinks by them)."""
+        if self._range is not None:
+            _madvise(*self._range, mmap.MADV_DONTNEED)
+
+    def evict(self) -> None:
+        """Drop the file from the page cache (pages mapped elsewhere stay); for benchmarks."""
+        self.release()
+        _fadvise(self.path, getattr(os, "POSIX_FADV_DONTNEED", 0))
+
+
+def _mapped_range(path: Path, tensors) -> tuple[int, int] | None:
+    """(address, length) of the file's memory map, found as the storage the views share."""
+    size = os.stat(path).st_size
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes() == size and t.device.type == "cpu":
+            return storage.data_ptr(), size
+    return None
+
+
+def _madvise(address: int, length: int, advice: int) -> bool:
+    if _libc is None:
+        return False
+    start = address - address % _PAGE
+    stop = address + length
+    stop += -stop % _PAGE
+    ok = _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), advice) == 0
+    if not ok:
+        log.debug("madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
+    return ok
+
+
+def _fadvise(path: Path, advice: int) -> None:
+    if not hasattr(os, "posix_fadvise") or not advice:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, advice)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a layer goes: staying on the CPU, or into a CUDA device slot.
+
+
+@dataclass
+class Loaded:
+    """One layer on its way: its index, its tensors, and what the device path needs back."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]
+    slot: int = -1
+    ready: torch.cuda.Event | None = None
+
+
+class HostPath:
+    """disk -> this process's memory: populate the map; convert only if the dtype differs."""
+
+    def __init__(self, files: Sequence[LayerFile], dtype: torch.dtype, stats: StreamStats):
+        self.files, self.dtype, self.stats = files, dtype, stats
+
+    def load(self, index: int) -> Loaded:
+        """Bring layer ``index`` in (runs in the loader thread)."""
+        f = self.files[index]
+        start = time.perf_counter()
+        f.populate()
+        self.stats.add("map", time.perf_counter() - start, f.nbytes)
+        tensors = f.tensors
+        if any(t.is_floating_point() and t.dtype != self.dtype for t in tensors.values()):
+            start = time.perf_counter()
+            tensors = {k: _cast(t, self.dtype) for k, t in tensors.items()}
+            f.release()  # the copies are what the layer uses
+            self.stats.add("convert", time.perf_counter() - start, f.nbytes)
+        return Loaded(index, tensors)
+
+    def ready(self, loaded: Loaded) -> dict[str, torch.Tensor]:
+        """The tensors to give the part (caller's thread)."""
+        return loaded.tensors
+
+    def release(self, loaded: Loaded) -> None:
+        """The layer has run and its weights are dropped: its pages leave the process."""
+        self.files[loaded.index].release()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+class CudaPath:
+    """disk -> pinned host buffer (reused) -> device slot (reused), on a side stream.
+
+    ``slots`` device buffers, each the size of the largest layer, hold the layers the compute
+    may use; two pinned host buffers take turns. The loader thread copies a layer from its map
+    into a pinned buffer in chunks, queueing each chunk's host-to-device copy on the side stream
+    as soon as it is in the buffer; the side stream first waits on the event the compute
+    recorded when the slot's previous layer was dropped. The compute stream waits on the
+    layer's ready event (no host synchronisation on the compute side). A pinned buffer is reused
+    only once its previous copy is done (the loader thread waits on that event).
+    """
+
+    CHUNK = 8 * 1024 * 1024
+
+    def __init__(
+        self,
+        files: Sequence[LayerFile],
+        slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        stats: StreamStats,
+    ) -> None:
+        self.files, self.device, self.dtype, self.stats = files, device, dtype, stats
+        size = max(f.nbytes for f in files)
+        size += -size % 512
+        self.pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.pinned_free: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(slots)]
+        self.slot_free: list[torch.cuda.Event | None] = [None] * slots
+        self.free_slots: queue.Queue[int] = queue.Queue()
+        for s in range(slots):
+            self.free_slots.put(s)
+        self.side = torch.cuda.Stream(device)
+        self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+
+    def load(self, index: int) -> Loaded:
+        """Copy layer ``index`` into a free device slot (loader thread; waits for a slot)."""
+        f = self.files[index]
+        start = time.perf_counter()
+        f.populate()
+        self.stats.add("map", time.perf_counter() - start, f.nbytes)
+        slot = self.free_slots.get()
+        pin, done = self._pinned_buffer()
+        source = _flat_bytes(f)
+        begin_ev, ready = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        host = 0.0
+        with torch.cuda.stream(self.side):
+            if self.slot_free[slot] is not None:
+                self.side.wait_event(self.slot_free[slot])
+            begin_ev.record(self.side)
+            for lo in range(0, f.nbytes, self.CHUNK):
+                hi = min(lo + self.CHUNK, f.nbytes)
+                t = time.perf_counter()
+                pin[lo:hi].copy_(source[lo:hi])
+                host += time.perf_counter() - t
+                self.slots[slot][lo:hi].copy_(pin[lo:hi], non_blocking=True)
+            ready.record(self.side)
+        self.pinned_free[done] = ready
+        self._timings.append((begin_ev, ready, f.nbytes))
+        self.stats.add("host_copy", host, f.nbytes)
+        f.release()
+        return Loaded(index, _views(self.slots[slot], f.tensors), slot, ready)
+
+    def _pinned_buffer(self) -> tuple[torch.Tensor, int]:
+        turn = self.turn
+        self.turn = 1 - turn
+        if self.pinned_free[turn] is not None:
+            self.pinned_free[turn].synchronize()  # its previous copy to the device is done
+        return self.pinned[turn], turn
+
+    def ready(self, loaded: Loaded) -> dict[str, torch.Tensor]:
+        """Make the compute stream wait for the layer's copy; convert the dtype if needed."""
+        torch.cuda.current_stream(self.device).wait_event(loaded.ready)
+        self._collect_timings()
+        return {k: _cast(t, self.dtype) for k, t in loaded.tensors.items()}
+
+    def release(self, loaded: Loaded) -> None:
+        """The compute stream is done with the slot once it reaches this point."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.slot_free[loaded.slot] = event
+        self.free_slots.put(loaded.slot)
+
+    def _collect_timings(self) -> None:
+        while self._timings and self._timings[0][1].query():
+            begin, end, nbytes = self._timings.pop(0)
+            self.stats.add("to_device", begin.elapsed_time(end) / 1000, nbytes)
+
+
+def _flat_bytes(f: LayerFile) -> torch.Tensor:
+    """The layer's tensors' bytes in file order, as one uint8 view of the map (or a concat)."""
+    items = sorted(f.tensors.values(), key=lambda t: t.data_ptr())
+    first, last = items[0], items[-1]
+    start, stop = first.data_ptr(), last.data_ptr() + last.numel() * last.element_size()
+    storage = first.untyped_storage()
+    if stop - start == f.nbytes and all(t.untyped_storage() is storage for t in items):
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return whole[start - storage.data_ptr() : stop - storage.data_ptr()]
+    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in items])
+
+
+def _views(buffer: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of ``buffer`` laid out as ``tensors`` lie in their file (same order and offsets)."""
+    base = min(t.data_ptr() for t in tensors.values())
+    out = {}
+    for key, t in tensors.items():
+        lo = t.data_ptr() - base
+        raw = buffer[lo : lo + t.numel() * t.element_size()]
+        out[key] = raw.view(t.dtype).view(t.shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of loads: a thread one step ahead of the compute, bounded by the slots.
+
+
+class LayerStream:
+    """Layers of a part handed out in order, at most ``slots`` of them held at once.
+
+    ``get(i)`` returns layer ``i``'s tensors (waiting for the loader if it is behind);
+    ``done(i)`` after the layer ran gives its slot back. With ``prefetch`` a loader thread loads
+    ahead; without it each ``get`` loads in the caller's thread. With ``slots >= len(files)``
+    every layer is loaded once and kept. A ``get`` out of the expected order (a forward call that
+    failed half-way) restarts the loader at the asked layer.
+    """
+
+    def __init__(
+        self,
+        path: HostPath | CudaPath,
+        count: int,
+        slots: int,
+        *,
+        prefetch: bool,
+        stats: StreamStats,
+        readahead: int = 2,
+    ) -> None:
+        self.path, self.count, self.slots, self.stats = path, count, slots, stats
+        self.keep = slots >= count
+        self.prefetch = prefetch and not self.keep
+        self.readahead = readahead
+        self._kept: dict[int, Loaded] = {}
+        self._held: dict[int, Loaded] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if self.prefetch:
+            self._start(0)
+
+    # -- caller's side --------------------------------------------------------------------
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer ``index``'s tensors, ready for the part's ``set_layer_weights``."""
+        if self.keep:
+            if index not in self._kept:
+                self._kept[index] = self._load(index)
+            return self.path.ready(self._kept[index])
+        if not self.prefetch:  # loaded here, so none of it is hidden
+            start = time.perf_counter()
+            loaded = self._load(index)
+            self.stats.wait_seconds += time.perf_counter() - start
+        else:
+            loaded = self._next_loaded(index)
+        self._held[index] = loaded
+        return self.path.ready(loaded)
+
+    def done(self, index: int) -> None:
+        """Layer ``index`` ran and the part dropped its weights: release them and the slot."""
+        if self.keep:
+            return
+        loaded = self._held.pop(index)
+        self.path.release(loaded)
+        if self.prefetch:
+            self._slots.release()
+
+    def close(self) -> None:
+        """Stop the loader thread and release whatever it had loaded."""
+        self._stop_thread()
+        for loaded in [*self._held.values(), *self._kept.values()]:
+            self.path.release(loaded)
+        self._held.clear()
+        self._kept.clear()
+
+    def _next_loaded(self, index: int) -> Loaded:
+        start = time.perf_counter()
+        loaded = self._take()
+        if loaded.index != index:  # the previous call stopped half-way: start over at index
+            log.debug(
+                "layer stream out of order (got %d, want %d): restarting", loaded.index, index
+            )
+            self.path.release(loaded)
+            self._slots.release()
+            self._stop_thread()
+            self._start(index)
+            loaded = self._take()
+        self.stats.wait_seconds += time.perf_counter() - start
+        return loaded
+
+    def _take(self) -> Loaded:
+        while True:
+            try:
+                loaded = self._ready.get(timeout=0.5)
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    raise PartialRunError(f"the layer loader stopped: {self._error!r}") from None
+                continue
+            if isinstance(loaded, BaseException):
+                raise PartialRunError(f"loading a layer failed: {loaded}") from loaded
+            return loaded
+
+    # -- loader thread ----------------------------------------------------------------------
+
+    def _start(self, first: int) -> None:
+        self._slots = threading.Semaphore(self.slots)
+        self._ready: queue.Queue[Loaded | BaseException] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(first,), name="layer-loader", daemon=True
+        )
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        while not self._ready.empty():
+            item = self._ready.get()
+            if isinstance(item, Loaded):
+                self.path.release(item)
+
+    def _run(self, index: int) -> None:
+        ahead = set()
+        try:
+            while not self._stop.is_set():
+                if not self._slots.acquire(timeout=0.1):
+                    continue
+                if self._stop.is_set():
+                    return
+                self._read_ahead(index, ahead)
+                self._ready.put(self._load(index))
+                index = (index + 1) % self.count
+        except BaseException as exc:  # handed to the caller, which raises it
+            self._error = exc
+            self._ready.put(exc)
+
+    def _read_ahead(self, index: int, ahead: set[int]) -> None:
+        """Ask the page cache for the next few layers (once per pass each)."""
+        ahead.discard(index)
+        start = time.perf_counter()
+        nbytes = 0
+        for step in range(1, self.readahead + 1):
+            nxt = (index + step) % self.count
+            if nxt not in ahead and nxt != index:
+                self.path.files[nxt].readahead()
+                ahead.add(nxt)
+                nbytes += self.path.files[nxt].nbytes
+        if nbytes:
+            self.stats.add("readahead", time.perf_counter() - start, nbytes)
+
+    def _load(self, index: int) -> Loaded:
+        return self.path.load(index)
