@@ -124,10 +124,11 @@ class Ranks:
 
     @classmethod
     def start(cls, world: int, *args: str) -> Ranks:
+        """``world`` processes of ``python ARGS`` (default: this file) joined by env://."""
         port = str(_free_port())
         procs = [
             subprocess.Popen(
-                [sys.executable, str(HERE), *args],
+                [sys.executable, *(args if args[0] == "-m" else (str(HERE), *args))],
                 env=_env(
                     MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=port,
@@ -143,15 +144,18 @@ class Ranks:
         ]
         return cls(procs)
 
-    def wait_line(self, rank: int, prefix: str, timeout: float = LAUNCH_TIMEOUT) -> str:
-        """Read rank's stdout until a line starting with ``prefix`` (fails if it exits first)."""
-        stream = self.procs[rank].stdout
+    def wait_line(
+        self, rank: int, prefix: str, timeout: float = LAUNCH_TIMEOUT, stream_name: str = "stdout"
+    ) -> str:
+        """Read rank's stdout (or stderr) until a line starting with ``prefix`` (or holding it,
+        on stderr); fails if the rank exits first."""
+        stream = getattr(self.procs[rank], stream_name)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not select.select([stream], [], [], left)[0]:
                 break
             line = stream.readline()
-            if line.startswith(prefix):
+            if line.startswith(prefix) or (stream_name == "stderr" and prefix in line):
                 return line
             if not line:
                 self.procs[rank].wait()
@@ -370,8 +374,8 @@ def test_a_failing_call_comes_back_as_an_error_and_the_rank_goes_on(fake_calls):
     assert all("stopped" in out for _, out, _ in exits[1:])
 
 
-def _assert_all_end_naming(ranks: Ranks, victim: int) -> None:
-    ranks.wait_line(0, "step 3")
+def _assert_all_end_naming(ranks: Ranks, victim: int, stream_name: str = "stdout") -> None:
+    ranks.wait_line(0, "step 3", stream_name=stream_name)
     killed_at = time.monotonic()
     ranks.procs[victim].send_signal(signal.SIGKILL)
     exits = ranks.finish(timeout=FAULT_TIMEOUT + 30)
@@ -392,6 +396,111 @@ def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim):
         _assert_all_end_naming(ranks, victim)
     finally:
         ranks.kill_all()
+
+
+# ---- whole models over torchrun ---------------------------------------------------------------
+
+NEW_TOKENS = 10
+
+
+def _torchrun(directory: Path, *args: str, nproc: int = 3) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node N -m llm_partial_run.launch DIR ARGS`` on 127.0.0.1."""
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "llm_partial_run.launch", str(directory),
+           *args]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _launched_tokens(directory: Path, batches: list[list[list[int]]], *args: str) -> list:
+    """Each batch's greedy tokens as three ranks under torchrun generate them."""
+    ids = [
+        a for batch in batches for a in ("--ids", ";".join(",".join(map(str, r)) for r in batch))
+    ]
+    done = _torchrun(directory, *ids, "--max-new-tokens", str(NEW_TOKENS), *args)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [line["tokens"] for line in lines]
+
+
+def _alone(model, rows: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy tokens for each row run alone (the padding contract's reference)."""
+    from llm_sampler import HFCausalLM, generate
+
+    with torch.no_grad():
+        return [
+            generate(HFCausalLM(model), [row], max_new_tokens=NEW_TOKENS, cached=True)[0]
+            for row in rows
+        ]
+
+
+def _in_process(pipeline, batch: list[list[int]]) -> list[list[int]]:
+    from llm_sampler import generate
+
+    max_len = max(map(len, batch)) + NEW_TOKENS
+    with pipeline.session(batch_size=len(batch), max_len=max_len) as session:
+        return generate(session, batch, max_new_tokens=NEW_TOKENS, cached=True)
+
+
+TINY_BATCHES = [[[5, 17, 3, 88, 41]], [[7, 1, 60, 2, 19, 33, 4], [42, 9]]]  # b1; left-padded
+
+
+@pytest.mark.parametrize("which, parts", [("llama", "auto"), ("falcon", "b 0-2,2-4,4-6 e")])
+def test_tiny_models_on_three_ranks_equal_transformers_and_the_other_pipelines(
+    which, parts, request, shared_nodes
+):
+    from llm_partial_run.session import LocalModel, Pipeline
+
+    tiny = request.getfixturevalue(f"tiny_{which}")
+    got = _launched_tokens(tiny.directory, TINY_BATCHES, "--parts", parts)
+    for batch, tokens in zip(TINY_BATCHES, got, strict=True):
+        assert tokens == _alone(tiny.hf, batch)
+        assert tokens == _in_process(LocalModel(tiny.directory, specs=tiny.specs), batch)
+    if which == "llama":  # and the socket pipeline on the same parts
+        with Pipeline(shared_nodes(tiny.directory, tiny.specs)) as pipeline:
+            assert got == [_in_process(pipeline, batch) for batch in TINY_BATCHES]
+
+
+def test_smollm2_on_three_ranks_equals_transformers(smollm2_sepweight, smollm2_transformers):
+    from llm_partial_run.session import LocalModel
+    from llm_partial_run.text import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(smollm2_sepweight)
+    texts = ["The capital of France is", "Hello", "Three things to pack for a hike:"]
+    rows = [tokenizer.encode(t) for t in texts]
+    batches = [rows[:1], rows[1:]]
+    got = _launched_tokens(smollm2_sepweight, batches, "--no-verify")
+    model, _ = smollm2_transformers
+    local = LocalModel(smollm2_sepweight, specs=["b 0-10", "10-20", "20-30 e"])
+    for batch, tokens in zip(batches, got, strict=True):
+        assert tokens == _alone(model, batch)
+        assert tokens == _in_process(local, batch)
+
+
+def test_a_prompt_is_tokenized_and_answered_as_text_by_rank_zero(smollm2_sepweight):
+    done = _torchrun(smollm2_sepweight, "--prompt", "The capital of France is",
+                     "--max-new-tokens", "4", "--no-verify", nproc=2)  # fmt: skip
+    assert "Paris" in done.stdout
+
+
+def test_a_rank_killed_while_a_model_generates_ends_the_launch_naming_it(tiny_llama):
+    ranks = Ranks.start(3, "-m", "llm_partial_run.launch", str(tiny_llama.directory), "-v",
+                        "--ids", "1,2,3", "--max-new-tokens", "2000",
+                        "--timeout", str(FAULT_TIMEOUT))  # fmt: skip
+    try:
+        _assert_all_end_naming(ranks, 1, stream_name="stderr")
+    finally:
+        ranks.kill_all()
+
+
+@pytest.mark.cuda
+def test_nccl_ranks_equal_the_cpu_ranks(tiny_llama):
+    count = torch.cuda.device_count()
+    if count < 2:
+        pytest.skip(f"needs 2 CUDA devices for 2 NCCL ranks, found {count}")
+    batches = TINY_BATCHES
+    cpu = _launched_tokens(tiny_llama.directory, batches)
+    assert _launched_tokens(tiny_llama.directory, batches, "--device", "cuda") == cpu
 
 
 if __name__ == "__main__":

@@ -241,38 +241,47 @@ def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: lis
 
 
 def _answer(args: argparse.Namespace, pipeline: Any) -> None:
+    """Generate for ``--prompt`` (one batch, printed as text) or each ``--ids`` batch (printed
+    as one JSON line ``{"tokens": [[...], ...]}`` per batch)."""
+    if args.ids:
+        for text in args.ids:
+            rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
+            out = _generate(args, pipeline, rows, stops=None, pad=0)
+            print(json.dumps({"tokens": out}), flush=True)
+        return
+    from .text import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(args.directory)
+    prompts = [_chat(tokenizer, p) for p in args.prompt] if args.chat else args.prompt
+    rows = [tokenizer.encode(p, add_special_tokens=not args.chat) for p in prompts]
+    stops, pad = tokenizer.eos_token_ids or None, tokenizer.pad_token_id or 0
+    for tokens in _generate(args, pipeline, rows, stops=stops, pad=pad):
+        print(tokenizer.decode(tokens), flush=True)
+
+
+def _generate(
+    args: argparse.Namespace, pipeline: Any, rows: list[list[int]], *, stops: Any, pad: int
+) -> list[list[int]]:
     import llm_sampler
 
-    tokenizer = None
-    if args.ids:
-        rows = [[int(t) for t in text.split(",") if t.strip()] for text in args.ids]
-        stops, pad = None, 0
-    else:
-        from .text import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(args.directory)
-        prompts = args.prompt
-        if args.chat:
-            prompts = [_chat(tokenizer, p) for p in prompts]
-        rows = [tokenizer.encode(p, add_special_tokens=not args.chat) for p in prompts]
-        stops = tokenizer.eos_token_ids or None
-        pad = tokenizer.pad_token_id or 0
     if not rows or not all(rows):
         raise PartialRunError("every prompt needs at least one token")
-    max_len = max(len(r) for r in rows) + args.max_new_tokens
     sampling = None
     if args.temperature > 0:
         sampling = llm_sampler.SamplingConfig(temperature=args.temperature)
+    max_len = max(len(r) for r in rows) + args.max_new_tokens
+    out: list[list[int]] = [[] for _ in rows]
     with pipeline.session(batch_size=len(rows), max_len=max_len) as session:
-        out = llm_sampler.generate(
+        steps = llm_sampler.generate_stream(
             session, rows, max_new_tokens=args.max_new_tokens, cached=True, sampling=sampling,
             seed=args.seed, stop_token_ids=stops, pad_token_id=pad,
         )  # fmt: skip
-    if tokenizer is None:
-        print(json.dumps({"tokens": out}), flush=True)
-    else:
-        for tokens in out:
-            print(tokenizer.decode(tokens), flush=True)
+        for i, step in enumerate(steps):
+            log.info("step %d: %d rows", i, len(rows))
+            for row, token in zip(out, step.tolist(), strict=True):
+                if token != llm_sampler.STOPPED:
+                    row.append(token)
+    return out
 
 
 def _chat(tokenizer: Any, prompt: str) -> str:
