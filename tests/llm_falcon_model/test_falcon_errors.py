@@ -1,4 +1,5 @@
-"""Bad inputs are refused with FalconModelError, and a refused call leaves the cache untouched."""
+"""Bad inputs are refused with llm_slice_core's shared errors (InputError, CacheError,
+WeightsError), and a refused call leaves the cache untouched."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from llm_falcon_model import FalconConfig, FalconModelError, FalconPart
+from llm_slice_core import CacheError, InputError, WeightsError
 
 HF = dict(
     vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -26,37 +28,37 @@ def whole(config) -> FalconPart:
 
 @pytest.mark.parametrize("ids", [[[1, 40]], [[-1, 3]]])
 def test_ids_outside_the_vocabulary(whole, ids):
-    with pytest.raises(FalconModelError, match="token ids"):
+    with pytest.raises(InputError, match="token ids"):
         whole(torch.tensor(ids))
 
 
 def test_float_input_to_a_part_with_begin(whole):
-    with pytest.raises(FalconModelError, match="token ids"):
+    with pytest.raises(InputError, match="token ids"):
         whole(torch.zeros(1, 3, 16))
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 15), (1, 3), (3, 16)])
 def test_hidden_of_the_wrong_shape(config, shape):
     middle = FalconPart(config, "0-2")
-    with pytest.raises(FalconModelError, match="hidden states"):
+    with pytest.raises(InputError, match="hidden states"):
         middle(torch.zeros(shape))
 
 
 def test_integer_hidden_states_are_refused(config):
-    with pytest.raises(FalconModelError, match="hidden states"):
+    with pytest.raises(InputError, match="hidden states"):
         FalconPart(config, "1-2 e")(torch.zeros(1, 2, 16, dtype=torch.long))
 
 
 def test_batch_larger_than_the_cache(whole):
     cache = whole.new_cache(2, 8)
-    with pytest.raises(FalconModelError, match="larger than the cache"):
+    with pytest.raises(CacheError, match="larger than the cache"):
         whole(torch.ones(3, 2, dtype=torch.long), cache=cache)
 
 
 def test_sequence_longer_than_max_len_leaves_the_cache_usable(whole):
     cache = whole.new_cache(1, 5)
     whole(torch.tensor([[1, 2, 3]]), cache=cache)
-    with pytest.raises(FalconModelError, match="max_len 5"):
+    with pytest.raises(CacheError, match="max_len 5"):
         whole(torch.tensor([[4, 5, 6]]), cache=cache)
     assert cache.length == 3
     got = whole(torch.tensor([[4, 5]]), cache=cache)
@@ -67,7 +69,7 @@ def test_sequence_longer_than_max_len_leaves_the_cache_usable(whole):
 @pytest.mark.parametrize(
     ("mask", "match"),
     [
-        (torch.ones(1, 3), "bool or integer"),
+        (torch.ones(1, 3), "bool or integer 0/1"),
         (torch.ones(2, 3, dtype=torch.long), r"\[B, T\]"),
         (torch.ones(1, 4, dtype=torch.bool), r"\[B, T\]"),
         (torch.tensor([[0, 2, 1]]), "0 \\(padding\\) or 1"),
@@ -75,18 +77,18 @@ def test_sequence_longer_than_max_len_leaves_the_cache_usable(whole):
     ],
 )
 def test_malformed_masks(whole, mask, match):
-    with pytest.raises(FalconModelError, match=match):
+    with pytest.raises(InputError, match=match):
         whole(torch.tensor([[1, 2, 3]]), mask=mask)
 
 
 def test_cache_of_another_part(config, whole):
     other = FalconPart(config, "0-1")
-    with pytest.raises(FalconModelError, match="new_cache"):
+    with pytest.raises(CacheError, match="new_cache"):
         whole(torch.tensor([[1, 2]]), cache=other.new_cache(1, 4))
 
 
 def test_bad_cache_sizes(whole):
-    with pytest.raises(FalconModelError, match="max_len"):
+    with pytest.raises(CacheError, match="max_len"):
         whole.new_cache(1, 0)
 
 
@@ -112,13 +114,13 @@ def test_part_from_state_dict_checks_keys_and_shapes(config, whole):
     state = dict(whole.state_dict())
     shared = part_from_state_dict(config, "f", state)
     assert shared.ln_f.weight.data_ptr() == state["ln_f.weight"].data_ptr()  # no copy
-    with pytest.raises(FalconModelError, match="missing"):
+    with pytest.raises(WeightsError, match="missing"):
         part_from_state_dict(config, "f", {k: v for k, v in state.items() if k != "ln_f.bias"})
-    with pytest.raises(FalconModelError, match="unexpected"):
+    with pytest.raises(WeightsError, match="unexpected"):
         part_from_state_dict(config, "0-1", {k: v for k, v in state.items() if "layers.0" in k}
                              | {"ln_f.weight": state["ln_f.weight"]})  # fmt: skip
     state["ln_f.weight"] = torch.ones(3)
-    with pytest.raises(FalconModelError, match="do not fit"):
+    with pytest.raises(WeightsError, match="shape"):
         part_from_state_dict(config, "f", state)
 
 

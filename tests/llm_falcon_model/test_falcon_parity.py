@@ -184,9 +184,9 @@ def test_driving_the_layers_one_by_one_equals_forward(kit, tmp_path):
     want = part(ids, mask, part.new_cache(3, 10))
     cache = part.new_cache(3, 10)
     with torch.no_grad():
-        h, inputs, step = part.prepare(ids, mask, cache)
+        h, step = part.prepare(ids, mask, cache)
         for slot, layer in enumerate(part.layers):
-            h = layer(h, inputs, cache.layers[slot])
+            h = layer(h, step, cache.layers[slot])
         got = part.complete(h, step, cache)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert cache.length == ids.shape[1]

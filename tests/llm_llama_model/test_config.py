@@ -8,6 +8,7 @@ import json
 import pytest
 
 from llm_llama_model import LlamaConfig, LlamaModelError, LlamaPart, RopeScaling
+from llm_slice_core import CacheError, InputError
 
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
@@ -88,9 +89,9 @@ def test_mistral_sliding_window_is_refused_beyond_the_window():
     assert LlamaConfig.from_hf(dict(TINY, model_type="mistral")).sliding_window == 4096
     part = LlamaPart(config, "f")
     part.new_cache(1, 8)
-    with pytest.raises(LlamaModelError, match="sliding_window 8"):
+    with pytest.raises(CacheError, match="sliding_window 8"):
         part.new_cache(1, 9)
     import torch
 
-    with pytest.raises(LlamaModelError, match="sliding_window"):
+    with pytest.raises(InputError, match="sliding_window"):
         part(torch.zeros(1, 9, dtype=torch.long))

@@ -45,7 +45,7 @@ def steps(parts, ids, n: int = 4) -> torch.Tensor:
 def test_unpacked_parts_equal_transformers(case, tmp_path):
     model = hf_model(case)
     parts = [load_part(write(model, tmp_path), s, pack=False) for s in SPECS]
-    assert all(layer.self_attn.packed is None for p in parts for layer in p.layers)
+    assert not any(layer.self_attn.qkv.packed for p in parts for layer in p.layers)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         torch.testing.assert_close(run_chain(parts, ids), model(ids).logits, atol=1e-4, rtol=0)
@@ -56,7 +56,7 @@ def test_packed_equals_unpacked(case, tmp_path):
     directory = write(hf_model(case), tmp_path)
     packed = [load_part(directory, s) for s in ("b 0-2", "2-4 e")] + [load_part(directory, "f")]
     plain = [load_part(directory, s, pack=False) for s in ("b 0-2", "2-4 e")]
-    assert all(layer.mlp.packed.intact() for p in packed for layer in p.layers)
+    assert all(layer.mlp.gate_up.intact() for p in packed for layer in p.layers)
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         expected = steps(plain, ids)
@@ -73,7 +73,7 @@ def test_pack_keeps_every_weight_under_its_name(tmp_path):
     for key, value in before.items():
         assert torch.equal(after[key], value), key
     layer = part.layers[1]
-    start = layer.self_attn.packed.weight_t.data_ptr()
+    start = layer.self_attn.qkv.weight_t.data_ptr()
     assert layer.self_attn.k_proj.weight.data_ptr() > start  # a view into the packed matrix
 
 
@@ -91,22 +91,22 @@ def test_weights_loaded_after_packing_are_used(tmp_path):
     with torch.no_grad():
         expected = other(ids).logits
         part.load_state_dict(new)
-        assert part.layers[0].self_attn.packed.intact()
+        assert part.layers[0].self_attn.qkv.intact()
         torch.testing.assert_close(part(ids), expected, atol=1e-4, rtol=0)
 
         fresh = load_part(directory, "f")
         fresh.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
-        assert not fresh.layers[0].self_attn.packed.intact()
+        assert not fresh.layers[0].self_attn.qkv.intact()
         torch.testing.assert_close(fresh(ids), expected, atol=1e-4, rtol=0)
-        assert fresh.layers[0].self_attn.packed is None and fresh.layers[0].mlp.packed is None
-        assert fresh._head is None  # dropped by the forward call
+        assert not fresh.layers[0].self_attn.qkv.packed and not fresh.layers[0].mlp.gate_up.packed
+        assert not fresh.head.packed  # dropped by the forward call
 
         doubled = load_part(directory, "f").double()
-        assert not doubled.layers[0].self_attn.packed.intact()
+        assert not doubled.layers[0].self_attn.qkv.intact()
         reference = load_part(directory, "f", pack=False).double()
         torch.testing.assert_close(doubled(ids), reference(ids), atol=1e-9, rtol=0)
         doubled.pack()  # packing again after the change packs the float64 weights
-        assert doubled.layers[0].self_attn.packed.weight_t.dtype == torch.float64
+        assert doubled.layers[0].self_attn.qkv.weight_t.dtype == torch.float64
         torch.testing.assert_close(doubled(ids), reference(ids), atol=1e-9, rtol=0)
 
 

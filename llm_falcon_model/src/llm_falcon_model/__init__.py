@@ -5,10 +5,12 @@
 >>> hidden = part(torch.tensor([[1, 2, 3]]), cache=cache)               # doctest: +SKIP
 """
 
-from .cache import KVCache, LayerCache
+from llm_slice_core import KVCache, LayerKV
+
 from .config import FalconConfig
-from .convert import ARCHITECTURE, decider, load_part, part_from_state_dict
+from .convert import ARCHITECTURE, decider
 from .errors import FalconModelError
+from .loading import load_part, part_from_state_dict
 from .model import FalconPart
 
 __all__ = [
@@ -17,7 +19,7 @@ __all__ = [
     "FalconModelError",
     "FalconPart",
     "KVCache",
-    "LayerCache",
+    "LayerKV",
     "decider",
     "load_part",
     "part_from_state_dict",

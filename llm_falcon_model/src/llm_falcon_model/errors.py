@@ -1,12 +1,19 @@
-"""The one exception class of llm_falcon_model."""
+"""The exception type of llm_falcon_model: Falcon configs and checkpoints it cannot run.
+
+What every family refuses alike is raised as llm_slice_core's shared meanings (``InputError`` for
+``x`` or ``mask``, ``CacheError``, ``WeightsError``; a bad part spec as
+``llm_sepweight.PartSpecError``); this class is the Falcon-specific one and, like them, a
+``llm_slice_core.SliceError``.
+"""
 
 from __future__ import annotations
 
+from llm_slice_core import SliceError
 
-class FalconModelError(ValueError):
-    """A Falcon config, part, input or cache that this package cannot run, with the reason.
 
-    Raised for configs that name a variant transformers' Falcon does not run (the message names the
-    field), token ids outside the vocabulary, hidden states of the wrong width, a batch larger than
-    its cache, a sequence longer than the cache, and a malformed padding mask.
+class FalconModelError(SliceError):
+    """A Falcon config or checkpoint this package cannot run, with the reason.
+
+    Raised for configs that name a variant transformers' Falcon does not run (the message names
+    the field), checkpoint keys it does not know, and directories holding another architecture.
     """

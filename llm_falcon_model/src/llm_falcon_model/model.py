@@ -9,8 +9,10 @@ One forward call takes ``T`` new tokens per row (ids for a part with begin, hidd
 otherwise), a ``[B, T]`` padding mask and optionally a :class:`KVCache`; positions come from the
 mask and the cache, never from the slot index, so a left-padded row computes exactly what it
 would alone. Numerics follow ``transformers``' ``FalconForCausalLM`` (SDPA attention) op for op
-where rounding could differ: un-fused ``x @ W.T + b``, rotary tables cast to the hidden dtype,
-ALiBi slopes times positions in bfloat16.
+where rounding could differ: un-fused ``x @ W.T`` then ``+ b``, rotary tables cast to the hidden
+dtype, ALiBi slopes times positions in bfloat16. Each linear layer is computed through an
+llm_slice_core ``Linears`` (packed for fast CPU reads, cut into one block per thread on decode
+steps: ``splits``).
 """
 
 from __future__ import annotations
@@ -26,28 +28,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_sepweight import PartSpec
+from llm_slice_core import KVCache, LayerKV, Linears, ModelPart, Slots, allowed_keys
 
-from .cache import KVCache, LayerCache, Step, uncached_step
 from .config import FalconConfig
-from .errors import FalconModelError
 
 # ---------------------------------------------------------------------------------------------
 # Positions: rotary tables or ALiBi biases, and which keys each new token may see.
 
 
 @dataclass(frozen=True)
-class AttentionInputs:
-    """What every layer of one forward call shares: the slot offset and the position encoding.
+class Step:
+    """What every layer of one forward call shares: slots, position encoding, mask, splits.
 
-    ``mask`` is None (no padding, one new token), a bool ``[B|1, 1, T, L]`` (True = may attend),
-    or, with ALiBi, the additive float bias ``[B, heads, T, L]`` with masked keys at the dtype's
-    minimum, as transformers builds it.
+    ``mask`` is None (no padding, one new token or plain causal: ``is_causal``), a bool
+    ``[B|1, 1, T, L]`` (True = may attend), or, with ALiBi, the additive float bias
+    ``[B, heads, T, L]`` with masked keys at the dtype's minimum, as transformers builds it.
     """
 
-    start: int
+    slots: Slots
     rope: tuple[torch.Tensor, torch.Tensor] | None
     mask: torch.Tensor | None
     is_causal: bool
+    splits: int = 1  # blocks each product is cut into, one per CPU thread (llm_slice_core)
 
 
 def rope_tables(
@@ -95,34 +97,20 @@ def alibi_bias(
     return (bias.to(dtype) / math.sqrt(config.head_dim))[:, :, None, :]
 
 
-def allowed_keys(step: Step, steps: int) -> torch.Tensor:
-    """``[B, 1, T, L]``: a new token sees the real keys at or before its slot.
-
-    A padding token also sees itself, so that no row of the softmax is empty.
-    """
-    device = step.key_real.device
-    query_slot = step.start + torch.arange(steps, device=device)[:, None]
-    key_slot = torch.arange(step.key_real.shape[1], device=device)[None, :]
-    allowed = (key_slot <= query_slot) & step.key_real[:, None, :]
-    return (allowed | (key_slot == query_slot))[:, None]
-
-
-def attention_inputs(
-    config: FalconConfig, step: Step, steps: int, dtype: torch.dtype
-) -> AttentionInputs:
-    """Build the position encoding and mask of one forward call, once for all its layers."""
+def make_step(config: FalconConfig, slots: Slots, dtype: torch.dtype, splits: int) -> Step:
+    """The position encoding and mask of one forward call, built once for all its layers."""
     if config.alibi:
-        bias = alibi_bias(config, step.key_positions, dtype)
-        mask = torch.where(allowed_keys(step, steps), bias, torch.finfo(dtype).min)
-        return AttentionInputs(step.start, None, mask, is_causal=False)
-    rope = rope_tables(config, step.positions, dtype)
-    if step.padded:
-        return AttentionInputs(step.start, rope, allowed_keys(step, steps), is_causal=False)
-    if steps == 1:
-        return AttentionInputs(step.start, rope, None, is_causal=False)
-    if step.start == 0:
-        return AttentionInputs(step.start, rope, None, is_causal=True)
-    return AttentionInputs(step.start, rope, allowed_keys(step, steps)[:1], is_causal=False)
+        bias = alibi_bias(config, slots.key_positions(), dtype)
+        mask = torch.where(allowed_keys(slots), bias, torch.finfo(dtype).min)
+        return Step(slots, None, mask, False, splits)
+    rope = rope_tables(config, slots.positions, dtype)
+    if slots.padded:
+        return Step(slots, rope, allowed_keys(slots), False, splits)
+    if slots.steps == 1:
+        return Step(slots, rope, None, False, splits)
+    if slots.start == 0:
+        return Step(slots, rope, None, True, splits)
+    return Step(slots, rope, allowed_keys(slots)[:1], False, splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +151,19 @@ QKV_SPLITS = {
 # Layers.
 
 
-class Linear(nn.Linear):
-    """``x @ W.T`` then ``+ b`` as two ops, as Falcon was trained (one more rounding in bf16)."""
+def linear(
+    in_features: int, out_features: int, bias: bool, transpose: bool = True
+) -> tuple[nn.Linear, Linears]:
+    """A linear layer and its product ``x @ W.T`` then ``+ b`` (two ops, as Falcon was trained:
+    one more rounding in bf16), stored transposed when packed unless ``transpose`` is False."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    return layer, Linears(layer, bias_after=True, transpose=transpose)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T (+ bias)``, the bias added after the product as transformers does."""
-        y = F.linear(x, self.weight)
-        return y if self.bias is None else y + self.bias
+
+def flat(product: Linears, x: torch.Tensor, splits: int) -> torch.Tensor:
+    """``product`` applied to ``x [B, T, in]`` as one 2-d product: ``[B, T, out]``."""
+    batch, steps, width = x.shape
+    return product(x.reshape(batch * steps, width), splits).view(batch, steps, -1)
 
 
 class SelfAttention(nn.Module):
@@ -190,28 +184,26 @@ class SelfAttention(nn.Module):
         hidden = config.hidden_size
         self.config = config
         self.split = QKV_SPLITS[config.qkv_layout]
-        self.query_key_value = Linear(hidden, fused_heads * config.head_dim, bias=config.bias)
-        self.dense = Linear(hidden, hidden, bias=config.bias)
+        self.query_key_value, self.qkv = linear(hidden, fused_heads * config.head_dim, config.bias)
+        self.dense, self.out = linear(hidden, hidden, config.bias, transpose=False)
 
-    def forward(
-        self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerKV | None) -> torch.Tensor:
         """Attention output ``[B, T, hidden]`` for ``x [B, T, hidden]``; k, v go into ``cache``."""
-        batch, steps, hidden = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.split(self.query_key_value(x), self.config))
-        if inputs.rope is not None:
-            q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
+        fused = flat(self.qkv, x, step.splits)
+        q, k, v = (t.transpose(1, 2) for t in self.split(fused, self.config))
+        if step.rope is not None:
+            q, k = apply_rope(q, *step.rope), apply_rope(k, *step.rope)
         if cache is not None:
-            k, v = cache.update(inputs.start, k, v)  # [B, kv_heads, L, d], never expanded
+            k, v = cache.update(step.slots.start, k, v)  # [B, kv_heads, L, d], never expanded
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=inputs.mask,
-            is_causal=inputs.is_causal,
+            attn_mask=step.mask,
+            is_causal=step.is_causal,
             enable_gqa=self.config.num_kv_heads != self.config.num_heads,
         )  # [B, heads, T, d]
-        return self.dense(y.transpose(1, 2).reshape(batch, steps, hidden))
+        return flat(self.out, y.transpose(1, 2).flatten(2), step.splits)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -228,13 +220,14 @@ class MLP(nn.Module):
 
     def __init__(self, config: FalconConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
-        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
+        hidden, inner, bias = config.hidden_size, config.ffn_hidden_size, config.bias
+        self.dense_h_to_4h, self.up = linear(hidden, inner, bias)
+        self.dense_4h_to_h, self.down = linear(inner, hidden, bias, transpose=False)
         self.act = activation(config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
         """``dense_4h_to_h(act(dense_h_to_4h(x)))``."""
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+        return flat(self.down, self.act(flat(self.up, x, splits)), splits)
 
 
 def layer_norm(config: FalconConfig) -> nn.LayerNorm:
@@ -256,12 +249,10 @@ class ParallelBlock(nn.Module):
         self.self_attention = SelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerKV | None) -> torch.Tensor:
         """``x + mlp(norm(x)) + attention(norm(x))`` with one shared norm."""
         h = self.input_layernorm(x)
-        return x + (self.mlp(h) + self.self_attention(h, inputs, cache))
+        return x + (self.mlp(h, step.splits) + self.self_attention(h, step, cache))
 
 
 class TwoNormParallelBlock(nn.Module):
@@ -279,12 +270,10 @@ class TwoNormParallelBlock(nn.Module):
         self.self_attention = SelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerKV | None) -> torch.Tensor:
         """``x + mlp(ln_mlp(x)) + attention(ln_attn(x))``."""
-        attention = self.self_attention(self.ln_attn(x), inputs, cache)
-        return x + (self.mlp(self.ln_mlp(x)) + attention)
+        attention = self.self_attention(self.ln_attn(x), step, cache)
+        return x + (self.mlp(self.ln_mlp(x), step.splits) + attention)
 
 
 class SequentialBlock(nn.Module):
@@ -303,12 +292,10 @@ class SequentialBlock(nn.Module):
         self.post_attention_layernorm = layer_norm(config)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerKV | None) -> torch.Tensor:
         """``x += attention(norm(x))``, then ``x += mlp(norm(x))``."""
-        x = x + self.self_attention(self.input_layernorm(x), inputs, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attention(self.input_layernorm(x), step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x), step.splits)
 
 
 BLOCKS = {
@@ -322,7 +309,7 @@ BLOCKS = {
 # The part.
 
 
-class FalconPart(nn.Module):
+class FalconPart(ModelPart):
     """A slice of Falcon: begin (``b``), layers ``a-b`` and/or end (``e``) of one model.
 
     ``layers[i]`` is the part's local slot ``i`` (global layer ``spec.layers.start + i``).
@@ -340,125 +327,41 @@ class FalconPart(nn.Module):
         super().__init__()
         self.config = config
         self.spec = PartSpec.parse(spec).resolve(config.num_layers)
+        self.vocab_size, self.hidden_size = config.vocab_size, config.hidden_size
+        self.kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         with torch.device(device) if device is not None else nullcontext():
             if self.spec.begin:
                 self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-            block = BLOCKS[config.block]
-            self.layers = nn.ModuleList(block(config) for _ in self.spec.layers)
+            self.layers = nn.ModuleList(self.new_layer() for _ in self.spec.layers)
             if self.spec.end:
                 self.ln_f = layer_norm(config)
-                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                self.lm_head, self.head = linear(config.hidden_size, config.vocab_size, False)
         if dtype is not None:
             self.to(dtype)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the part's weights (and of its hidden states and cache)."""
-        return next(self.parameters()).dtype
+    embedding = property(lambda self: self.word_embeddings, doc="The token embedding (begin).")
+    final_norm = property(lambda self: self.ln_f, doc="The final norm (end).")
 
-    @property
-    def device(self) -> torch.device:
-        """The device of the part's weights."""
-        return next(self.parameters()).device
+    def new_layer(self) -> nn.Module:
+        """One decoder layer of this Falcon's block type, on the current default device."""
+        return BLOCKS[self.config.block](self.config)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """Empty K/V buffers for this part's layers, at the KV-head count, on its device/dtype."""
-        config = self.config
-        return KVCache(
-            len(self.layers),
-            batch_size,
-            max_len,
-            config.num_kv_heads,
-            config.head_dim,
-            device=self.device,
-            dtype=self.dtype,
-        )
-
-    @torch.no_grad()
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Run the part on ``T`` new tokens per row; with a cache, append them to it.
-
-        ``mask`` ``[B, T]`` (bool or 0/1 ints) marks real tokens (1) and left padding (0);
-        None means all real. The same as :meth:`prepare`, every layer, :meth:`complete`.
-        """
-        h, inputs, step = self.prepare(x, mask, cache)
-        for slot, layer in enumerate(self.layers):
-            h = layer(h, inputs, None if cache is None else cache.layers[slot])
-        return self.complete(h, step, cache)
+    def assigned_to(self, device: torch.device) -> None:
+        """With tied embeddings, a part holding begin and end uses the embedding as its head."""
+        if self.config.tie_word_embeddings and self.spec.begin and self.spec.end:
+            self.lm_head.weight = self.word_embeddings.weight  # one copy in memory, as trained
 
     def prepare(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, AttentionInputs, Step]:
-        """Check the inputs; return the first layer's input, the shared attention inputs, the step.
-
-        For a driver that runs the layers itself (e.g. streaming their weights):
-        ``h = part.layers[i](h, inputs, cache.layers[i])`` for each slot, then :meth:`complete`.
-        """
-        batch, steps = self._check_input(x)
-        mask = check_mask(mask, batch, steps, x.device)
-        if cache is not None:
-            self._check_cache(cache)
-        step = uncached_step(mask) if cache is None else cache.plan(mask)
+    ) -> tuple[torch.Tensor, Step]:
+        """The first layer's input and the :class:`Step` every layer of this call shares."""
+        slots, splits = self.start_step(x, mask, cache)
         h = self.word_embeddings(x) if self.spec.begin else x.to(self.dtype)
-        return h, attention_inputs(self.config, step, steps, h.dtype), step
+        return h, make_step(self.config, slots, h.dtype, splits)
 
     def complete(self, h: torch.Tensor, step: Step, cache: KVCache | None = None) -> torch.Tensor:
-        """Commit the step to the cache and apply the end (final norm, float32 logits), if held."""
-        if cache is not None:
-            cache.advance(step)
+        """Commit the call to the cache; float32 logits ``[B, T, vocab]`` with end, else ``h``."""
+        self.end_step(step.slots, cache)
         if self.spec.end:
-            h = self.lm_head(self.ln_f(h)).float()
+            h = flat(self.head, self.ln_f(h), step.splits).float()
         return h
-
-    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
-        if not isinstance(x, torch.Tensor):
-            raise FalconModelError(f"expected a tensor, got {type(x).__name__}")
-        if self.spec.begin:
-            if x.ndim != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
-                raise FalconModelError(
-                    "a part with begin takes token ids LongTensor[B, T], "
-                    f"got {x.dtype} {tuple(x.shape)}"
-                )
-            vocab = self.config.vocab_size
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-                raise FalconModelError(
-                    f"token ids must be in [0, {vocab}), got {int(x.min())}..{int(x.max())}"
-                )
-        elif x.ndim != 3 or x.shape[-1] != self.config.hidden_size or not x.dtype.is_floating_point:
-            raise FalconModelError(
-                f"a part without begin takes float hidden states [B, T, {self.config.hidden_size}],"
-                f" got {x.dtype} {tuple(x.shape)}"
-            )
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise FalconModelError(f"empty input of shape {tuple(x.shape)}")
-        return x.shape[0], x.shape[1]
-
-    def _check_cache(self, cache: KVCache) -> None:
-        if not isinstance(cache, KVCache) or len(cache.layers) != len(self.layers):
-            raise FalconModelError(
-                f"this cache was not made by this part (use part.new_cache); the part has "
-                f"{len(self.layers)} layers"
-            )
-
-
-def check_mask(
-    mask: torch.Tensor | None, batch: int, steps: int, device: torch.device
-) -> torch.Tensor:
-    """The padding mask as bool ``[B, T]``; raises :class:`FalconModelError` when malformed."""
-    if mask is None:
-        return torch.ones(batch, steps, dtype=torch.bool, device=device)
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, steps):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise FalconModelError(f"mask must be a [B, T] = [{batch}, {steps}] tensor, got {shape}")
-    if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise FalconModelError(f"mask must be bool or integer 0/1, got {mask.dtype}")
-    if mask.dtype != torch.bool:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise FalconModelError("mask values must be 0 (padding) or 1 (real token)")
-        mask = mask != 0
-    return mask.to(device)

@@ -5,7 +5,8 @@ cache = part.new_cache(batch_size=1, max_len=256)
 hidden = part(ids, mask=None, cache=cache)
 """
 
-from .cache import KVCache, LayerKV
+from llm_slice_core import KVCache, LayerKV
+
 from .config import LlamaConfig, RopeScaling
 from .convert import ARCHITECTURE, config_from_gguf, decider, gguf_rename, gguf_transform
 from .errors import LlamaModelError

@@ -1,0 +1,81 @@
+"""Build a part on the meta device and assign memory-mapped weights from a sepweight directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+
+from llm_sepweight import PartSpec, load, read_manifest
+
+from .config import FalconConfig
+from .errors import FalconModelError
+from .model import FalconPart
+
+log = logging.getLogger(__name__)
+
+
+def load_part(
+    directory: str | os.PathLike[str],
+    spec: PartSpec | str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    pack: bool = True,
+    layers: bool = True,
+) -> FalconPart:
+    """Load part ``spec`` (e.g. ``"8-16"``) of the sepweight Falcon in ``directory``.
+
+    Only the part's files are read (memory-mapped); the module is built on ``meta`` and the
+    tensors are assigned. ``dtype`` None keeps the stored dtype. With ``pack`` (the default)
+    the weights are then packed for speed (``FalconPart.pack``: one copy, after which each
+    layer's file is unmapped); ``pack=False`` keeps every weight a view of the memory-mapped
+    files. With ``layers=False`` only begin and end are read and every layer slot stays
+    weightless until ``part.set_layer_weights(i, tensors)`` (layer streaming).
+    """
+    manifest = read_manifest(directory)
+    if manifest.arch != "falcon":
+        raise FalconModelError(f"{directory} holds a {manifest.arch!r} model, not 'falcon'")
+    config = FalconConfig.from_hf(manifest.config)
+    spec = PartSpec.parse(spec).resolve(config.num_layers)
+    log.debug("loading Falcon part %s from %s", spec, directory)
+    state = _read(directory, spec, layers, device, dtype)
+    part = FalconPart.assigned(config, spec, state, device=device, dtype=dtype, layers=layers)
+    del state  # the part's parameters are now the only references to the mapped files
+    return part.pack() if pack else part
+
+
+def part_from_state_dict(
+    config: FalconConfig,
+    spec: PartSpec | str,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> FalconPart:
+    """A part whose parameters *are* the given tensors (no copy unless ``device`` / ``dtype``
+    convert some).
+
+    Keys are part-relative: ``word_embeddings.weight``, ``layers.<slot>.*`` from slot 0,
+    ``ln_f.*``, ``lm_head.weight``; every key the part needs must be there, and no other. With
+    tied embeddings a part holding begin and end uses the embedding as its head.
+    """
+    state = {k: _place(v, device, dtype) for k, v in state_dict.items()}
+    return FalconPart.assigned(config, spec, state, device=device, dtype=dtype)
+
+
+def _read(directory, spec: PartSpec, layers: bool, device, dtype) -> dict[str, torch.Tensor]:
+    """The part's tensors (memory-mapped), without any layer's when ``layers`` is False."""
+    if not layers:
+        if not (spec.begin or spec.end):
+            return {}
+        spec = PartSpec(begin=spec.begin, end=spec.end)
+    return load(directory, spec, device=device, dtype=dtype).state_dict()
+
+
+def _place(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t if device is None else t.to(device)

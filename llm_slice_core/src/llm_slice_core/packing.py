@@ -1,0 +1,143 @@
+"""Packed weights: linear layers that share an input become one matrix, stored for fast reads.
+
+On a CPU a decode step streams every weight through small matrix-vector products. Packing
+(:meth:`Linears.pack`) copies the weights of layers that share an input into one matrix stored
+transposed (``[in, sum(out)]``; a CPU matrix-vector product reads a matrix with few inputs and
+many outputs faster this way), so one product computes them all; a single output projection
+just gets memory of its own in its own layout. The layers' parameters become views into the
+packed matrix, so state-dict names and ``load_state_dict`` (which copies into them) keep working.
+Replacing a parameter (``load_state_dict(assign=True)``, ``.to(dtype)``) leaves the pack stale:
+:meth:`Linears.intact` turns False and :func:`drop_stale` makes the group use the layers again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .products import product
+
+
+class Linears:
+    """``nn.Linear`` layers sharing an input, computed side by side: ``[N, in] -> [N, sum(out)]``.
+
+    A model holds one per group (``self.qkv = Linears(self.q_proj, self.k_proj, self.v_proj)``)
+    and calls it with the thread ``splits`` of the step (see :func:`~.products.product`);
+    ``residual`` is added to the output (in the product itself when it can be). With
+    ``bias_after`` the bias is added after the product, never fused into it (``x @ W.T`` then
+    ``+ b``, one more rounding in half precision: how some models were trained). It is not a
+    module: the layers stay where the model put them, under their checkpoint names.
+    """
+
+    def __init__(self, *linears: nn.Linear, bias_after: bool = False, transpose: bool = True):
+        if not transpose and len(linears) != 1:
+            raise ValueError("only a single linear layer can be packed without transposing")
+        self.linears = linears
+        self.bias_after = bias_after
+        self.transpose = transpose
+        self.weight_t: torch.Tensor | None = None  # [in, sum(out)] once packed, else None
+        self.bias: torch.Tensor | None = None
+        self._pointers: list[int] = []
+
+    @property
+    def packed(self) -> bool:
+        """True while the group computes from its packed matrix."""
+        return self.weight_t is not None
+
+    def __call__(
+        self, x: torch.Tensor, splits: int = 1, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``residual + x @ W.T + b`` for the layers side by side; ``x`` is ``[N, in]``."""
+        if self.weight_t is not None:
+            return self._affine(x, self.weight_t, self.bias, splits, residual)
+        outs = [self._affine(x, lin.weight.t(), lin.bias, splits, None) for lin in self.linears]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out if residual is None else out.add_(residual)
+
+    def _affine(self, x, w_t, bias, splits: int, residual) -> torch.Tensor:
+        if splits > 1:
+            out = product(x, w_t, splits)
+        elif residual is not None:
+            out, residual = torch.addmm(residual, x, w_t), None
+        elif bias is not None and not self.bias_after:
+            return torch.addmm(bias, x, w_t)
+        else:
+            out = torch.mm(x, w_t)
+        if residual is not None:
+            out = out.add_(residual)
+        return out if bias is None else out.add_(bias)
+
+    def pack(self) -> None:
+        """Copy the layers' weights into one packed matrix (one copy); their parameters become
+        views into it. Called again after a dtype or device change, packs the new weights."""
+        with torch.no_grad():
+            first = self.linears[0].weight
+            total = sum(lin.weight.shape[0] for lin in self.linears)
+            factory = {"dtype": first.dtype, "device": first.device}
+            if self.transpose:
+                weight_t = torch.empty(first.shape[1], total, **factory)
+            else:
+                weight_t = torch.empty(first.shape, **factory).t()
+            biased = self.linears[0].bias is not None
+            self.bias = torch.empty(total, **factory) if biased else None
+            offset = 0
+            for lin in self.linears:
+                rows = lin.weight.shape[0]
+                block = weight_t[:, offset : offset + rows]
+                block.copy_(lin.weight.t())
+                lin.weight = nn.Parameter(block.t(), requires_grad=False)
+                if self.bias is not None:
+                    piece = self.bias[offset : offset + rows]
+                    piece.copy_(lin.bias)
+                    lin.bias = nn.Parameter(piece, requires_grad=False)
+                offset += rows
+        self.weight_t = weight_t
+        self._pointers = self._current()
+
+    def unpack(self) -> None:
+        """Compute from the layers' own parameters again (they keep whatever memory they have)."""
+        self.weight_t = self.bias = None
+
+    def _current(self) -> list[int]:
+        pointers = [lin.weight.data_ptr() for lin in self.linears]
+        return pointers + [lin.bias.data_ptr() for lin in self.linears if lin.bias is not None]
+
+    def intact(self) -> bool:
+        """True while every layer's parameters are still the views packing made."""
+        return self._current() == self._pointers
+
+
+def groups(module: nn.Module) -> list[Linears]:
+    """Every :class:`Linears` held by ``module`` or its submodules."""
+    found = []
+    for sub in module.modules():
+        found += [v for v in vars(sub).values() if isinstance(v, Linears)]
+    return found
+
+
+def own(module: nn.Module) -> None:
+    """Give ``module``'s own parameters memory of their own (a copy, e.g. out of a memory map)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=False))
+
+
+def pack(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[Linears]:
+    """Pack every :class:`Linears` group of ``module`` and give every other parameter memory of
+    its own (except those of the ``skip`` modules): afterwards nothing refers to the files the
+    weights were mapped from. Returns the groups."""
+    found = groups(module)
+    for group in found:
+        group.pack()
+    packed = {id(lin) for group in found for lin in group.linears}
+    for sub in module.modules():
+        if id(sub) not in packed and not any(sub is s for s in skip):
+            own(sub)
+    return found
+
+
+@torch.compiler.disable
+def drop_stale(found: list[Linears]) -> None:
+    """Unpack the groups whose parameters were replaced since packing (see :class:`Linears`)."""
+    for group in found:
+        if group.packed and not group.intact():
+            group.unpack()
