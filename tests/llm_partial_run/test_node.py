@@ -203,5 +203,10 @@ def test_corrupt_file_refuses_to_start_and_sigterm_stops_cleanly(
     assert len(lines) == 1 and "mid.00003.safetensors" in lines[0] and "sha256" in lines[0]
     Node(bad, "b 0-2")  # a part without the bad file verifies and loads
     ok = node_process(bad, "2-4", "--no-verify")
+    link = RemoteLink(ok.address, timeout=10)  # a client connected, a session open: still clean
+    link.open_session("s", 1, 8)
+    link.forward("s", 0, torch.zeros(1, 2, 32), None)
     ok.proc.send_signal(signal.SIGTERM)
     assert ok.proc.wait(30) == 0
+    assert ok.proc.stderr.read() == ""
+    link.close()

@@ -169,6 +169,10 @@ class Node:
     def close(self) -> None:
         """Stop the TTL thread and free every session."""
         self._stop.set()
+        if self._reaper is not None and self._reaper is not threading.current_thread():
+            # joined, not left as a daemon: a daemon thread woken during interpreter shutdown
+            # is unwound by pthread_exit, which aborts the process ("terminate called ...")
+            self._reaper.join(5.0)
         self.link.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import PartialRunError
@@ -68,21 +69,9 @@ def run(args: argparse.Namespace) -> int:
         sampling = llm_sampler.SamplingConfig(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
         )
-        stops = tokenizer.eos_token_ids
         with source.session(1, len(ids) + args.max_new_tokens) as session:
-            stream = llm_sampler.generate_stream(
-                session, [ids], max_new_tokens=args.max_new_tokens, cached=True,
-                sampling=sampling, seed=args.seed, stop_token_ids=stops or None,
-            )  # fmt: skip
-            decoder = tokenizer.decoder()
-            for step in stream:
-                token = int(step[0])
-                if token == llm_sampler.STOPPED or token in stops:
-                    break
-                sys.stdout.write(decoder.add(token))
-                sys.stdout.flush()
-            sys.stdout.write(decoder.flush() + "\n")
-            sys.stdout.flush()
+            stream_completion(session, tokenizer, ids, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling, seed=args.seed)  # fmt: skip
             if args.stats:
                 _print_stats(session)
     return 0
@@ -109,10 +98,54 @@ def _addresses(text: str | None) -> list[str]:
 def _prompt_ids(tokenizer, args: argparse.Namespace) -> list[int]:
     if not args.chat:
         return tokenizer.encode(args.prompt)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
+    return chat_ids(tokenizer, args.prompt, system=args.system)
+
+
+def chat_ids(tokenizer, prompt: str, *, system: str | None = None) -> list[int]:
+    """The ids of ``prompt`` as a user message (after ``system``, if given), rendered with the
+    model's chat template and followed by the assistant's turn."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stream_completion(
+    session,
+    tokenizer,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    sampling=None,
+    seed: int | None = None,
+    write: Callable[[str], object] | None = None,
+) -> list[int]:
+    """Generate after ``ids`` on ``session`` (one row, cached), writing the text as it comes
+    (``write``, default stdout, flushed per piece; a newline at the end); returns the new ids
+    without the stop token."""
+    import llm_sampler
+
+    write = write or _write_stdout
+    stops = tokenizer.eos_token_ids
+    stream = llm_sampler.generate_stream(
+        session, [ids], max_new_tokens=max_new_tokens, cached=True,
+        sampling=sampling, seed=seed, stop_token_ids=stops or None,
+    )  # fmt: skip
+    decoder = tokenizer.decoder()
+    tokens: list[int] = []
+    for step in stream:
+        token = int(step[0])
+        if token == llm_sampler.STOPPED or token in stops:
+            break
+        tokens.append(token)
+        write(decoder.add(token))
+    write(decoder.flush() + "\n")
+    return tokens
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _print_stats(session) -> None:
