@@ -51,7 +51,7 @@ esac
 setup
 case "$cmd" in
     setup) ;;
-    demo) exec .venv/bin/python demo.py "$@" ;;
+    demo) exec .venv/bin/python -m llm_partial_run demo "$@" ;;
     test)
         set +e
         .venv/bin/python -m pytest "$@"
