@@ -306,6 +306,14 @@ def _scenario_calls(local, cluster) -> dict:
                                              None)[0].dtype.__repr__()  # fmt: skip
     for s in sessions:
         s.close()
+    rank1 = cluster.links[0]  # a message over INLINE_BYTES goes as header, payload, tensors
+    big = torch.randn(2, 300, 1024)
+    big_mask = torch.rand(2, 300) > 0.5
+    rank1.open_session("big", 2, 300)
+    out, _ = rank1.forward("big", 0, big, big_mask)
+    row_offset = torch.tensor([0.0, 100.0])[:, None, None]  # FakeCache's
+    found["big"] = torch.equal(out, (big * 2 + row_offset) * big_mask[..., None])
+    rank1.close_session("big")
     found["sessions_left"] = [link.stats()["sessions"] for link in [local]]
     return found
 
@@ -369,6 +377,7 @@ def test_a_failing_call_comes_back_as_an_error_and_the_rank_goes_on(fake_calls):
 
     assert found["in_flight"] == [_expected([[k]], [[1]], 0, [0]) for k in range(4)]
     assert found["bf16"] == "torch.bfloat16"
+    assert found["big"]
     assert found["sessions_left"] == [0]
     assert [code for code, _, _ in exits] == [0, 0, 0], exits
     assert all("stopped" in out for _, out, _ in exits[1:])

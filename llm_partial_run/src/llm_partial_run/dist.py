@@ -10,13 +10,14 @@ the same :class:`~llm_partial_run.session.Session` as the socket pipeline, so th
 The wire, with nothing pickled: a call is a fixed header of :data:`HEADER_LEN` int64 values
 (:class:`Header`: magic and wire version, call kind, session number, step, two arguments, the
 dtype code and shape of a tensor, whether a mask follows, the length of a byte payload), then
-the byte payload (UTF-8 JSON or text, as a uint8 tensor) and then the tensors. Headers and byte
-payloads travel on a gloo group (CPU); hidden states on the data group: gloo on CPU, NCCL on
-CUDA (device tensors, never through the host). A reply is a header of kind ``OK`` or ``ERROR``
-followed the same way by its payload and tensor. A rank answers its calls in the order they
-came, so a :class:`RankLink` matches replies to calls by order alone, and several calls may be
-in flight on one link (:meth:`RankLink.submit_forward`, :func:`forward_in_flight`): rank 0 sends
-micro-batch k+1 before k's result is back and the ranks compute at the same time.
+the byte payload (UTF-8 JSON or text) and then the tensors' bytes -- all in one buffer when they
+fit :data:`INLINE_BYTES` (a decode step's always do), else as separate messages. Headers and
+byte payloads travel on a gloo group (CPU); hidden states on the data group: gloo on CPU, NCCL
+on CUDA (device tensors, never through the host). A reply is a header of kind ``OK`` or
+``ERROR`` followed the same way by its payload and tensor. A rank answers its calls in the order
+they came, so a :class:`RankLink` matches replies to calls by order alone, and several calls may
+be in flight on one link (:meth:`RankLink.submit_forward`, :func:`forward_in_flight`): rank 0
+sends micro-batch k+1 before k's result is back and the ranks compute at the same time.
 
 Faults: every receive waits at most ``timeout`` seconds; a peer that dies closes its gloo
 connections and the waiting side fails at once. Rank 0 raises
@@ -49,8 +50,12 @@ from .transport import PartInfo, PartLink
 
 log = logging.getLogger(__name__)
 
-HEADER_LEN = 16
+HEADER_LEN = 17
 """int64 values in a header."""
+HEADER_BYTES = HEADER_LEN * 8
+INLINE_BYTES = 1 << 20
+"""A message up to this size travels as one buffer (a decode step's hidden states and logits
+do): each gloo message costs a handshake, so one message per call instead of three."""
 MAGIC = 0x4C4D_5052_0000_0001
 """First value of every header: ``"LMPR"`` and the wire version (1)."""
 MAX_NDIM = 4
@@ -87,7 +92,7 @@ class Status(IntEnum):
 
 # header slots
 _MAGIC, _KIND, _SESSION, _STEP, _A, _B, _DTYPE, _NDIM, _SHAPE = 0, 1, 2, 3, 4, 5, 6, 7, 8
-_MASK, _NBYTES, _NANOS, _STATUS = 12, 13, 14, 15
+_MASK, _NBYTES, _NANOS, _STATUS, _INLINE = 12, 13, 14, 15, 16
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ class Header:
     ``x_dtype``/``x_shape`` describe the tensor that follows (None: none); ``mask`` says whether
     a bool ``[B, T]`` mask (``x_shape[:2]``) follows it; ``nbytes`` is the length of the byte
     payload; ``nanos`` carries a reply's compute time; ``a``/``b`` are the call's arguments
-    (batch size and max length, the other session of a join, the rank an abort names).
+    (batch size and max length, the other session of a join, the rank an abort names);
+    ``inline`` says the payload and tensors came in the header's own buffer.
     """
 
     kind: Kind
@@ -111,6 +117,7 @@ class Header:
     nbytes: int = 0
     nanos: int = 0
     status: int = 0
+    inline: bool = False
 
     def to_tensor(self) -> torch.Tensor:
         """The header as an int64 tensor of :data:`HEADER_LEN` values."""
@@ -126,6 +133,7 @@ class Header:
         values[_SHAPE : _SHAPE + len(self.x_shape)] = self.x_shape
         values[_MASK], values[_NBYTES] = int(self.mask), self.nbytes
         values[_NANOS], values[_STATUS] = self.nanos, self.status
+        values[_INLINE] = int(self.inline)
         return torch.tensor(values, dtype=torch.int64)
 
     @classmethod
@@ -146,6 +154,7 @@ class Header:
         return cls(
             Kind(v[_KIND]), v[_SESSION], v[_STEP], v[_A], v[_B], DTYPES[dtype],
             tuple(v[_SHAPE : _SHAPE + ndim]), bool(v[_MASK]), v[_NBYTES], v[_NANOS], v[_STATUS],
+            bool(v[_INLINE]),
         )  # fmt: skip
 
 
@@ -220,21 +229,37 @@ class _Wire:
     def __init__(self, groups: RankGroups, peer: int) -> None:
         self.groups, self.peer = groups, peer
         self._span = datetime.timedelta(seconds=groups.timeout)
+        self._buf = torch.empty(INLINE_BYTES, dtype=torch.uint8)  # receives; one reader at once
 
     def send(
         self, header: Header, payload: bytes = b"", tensors: Sequence[torch.Tensor] = ()
     ) -> list[Any]:
-        """Post a message (the header's ``nbytes`` set to the payload's length) and return its
-        send works at once. A gloo send completes only once the peer posts the receive, so a
-        caller waits on them later (:meth:`wait`), never before reading the peer's reply: two
-        ranks sending to each other at once would otherwise wait on each other."""
+        """Post a message and return its send works at once.
+
+        A message that fits :data:`INLINE_BYTES` goes as one buffer: header, payload and (on
+        CPU) the tensors' bytes; a larger one as the header, then the payload, then each
+        tensor. On CUDA the tensors always follow on the NCCL group. A gloo send completes only
+        once the peer posts the receive, so a caller waits on the works later (:meth:`wait`),
+        never before reading the peer's reply: two ranks sending to each other at once would
+        otherwise wait on each other.
+        """
         g = self.groups
-        header = replace(header, nbytes=len(payload))
-        works = [dist.isend(header.to_tensor(), self.peer, group=g.headers)]
-        if payload:
-            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            works.append(dist.isend(buf, self.peer, group=g.headers))
-        for t in tensors:
+        inline_tensors = [] if g.on_cuda else [_as_bytes(t) for t in tensors]
+        body = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
+        size = HEADER_BYTES + len(payload) + sum(t.numel() for t in inline_tensors)
+        inline = size <= INLINE_BYTES
+        head = replace(header, nbytes=len(payload), inline=inline).to_tensor().view(torch.uint8)
+        if inline:
+            pieces = [head, *([body] if body is not None else []), *inline_tensors]
+            works = [dist.isend(torch.cat(pieces) if len(pieces) > 1 else head, self.peer,
+                                group=g.headers)]  # fmt: skip
+            rest = list(tensors) if g.on_cuda else []
+        else:
+            works = [dist.isend(head, self.peer, group=g.headers)]
+            if body is not None:
+                works.append(dist.isend(body, self.peer, group=g.headers))
+            rest = list(tensors)
+        for t in rest:
             works.append(dist.isend(t.contiguous(), self.peer, group=g.data))
         return works
 
@@ -244,36 +269,60 @@ class _Wire:
         for work in works:
             work.wait(span)
 
-    def recv_header(self, timeout: float | None = None) -> Header:
-        """The next header (waits at most ``timeout``, default the groups' timeout)."""
-        t = torch.empty(HEADER_LEN, dtype=torch.int64)
-        span = self._span if timeout is None else datetime.timedelta(seconds=timeout)
-        dist.irecv(t, self.peer, group=self.groups.headers).wait(span)
-        return Header.from_tensor(t)
+    def recv(self) -> tuple[Header, bytes, torch.Tensor | None, torch.Tensor | None]:
+        """The next message: its header, payload, tensor and mask (tensors on this rank's
+        device). Waits at most the groups' timeout for each piece."""
+        dist.irecv(self._buf, self.peer, group=self.groups.headers).wait(self._span)
+        header = Header.from_tensor(self._buf[:HEADER_BYTES].view(torch.int64))
+        shapes = []
+        if header.x_dtype is not None:
+            shapes.append((header.x_dtype, header.x_shape))
+            if header.mask:
+                shapes.append((torch.bool, header.x_shape[:2]))
+        if not header.inline:
+            payload = self._recv_bytes(header.nbytes)
+            tensors = [self._recv_tensor(dtype, shape) for dtype, shape in shapes]
+            return header, payload, *_pair(tensors)
+        at = HEADER_BYTES + header.nbytes
+        payload = self._buf[HEADER_BYTES:at].numpy().tobytes()
+        tensors = []
+        for dtype, shape in shapes:
+            if self.groups.on_cuda:
+                tensors.append(self._recv_tensor(dtype, shape))
+                continue
+            n = _nbytes(dtype, shape)
+            # a copy: the buffer takes the next message (and may be misaligned for dtype)
+            tensors.append(self._buf[at : at + n].clone().view(dtype).view(shape))
+            at += n
+        return header, payload, *_pair(tensors)
 
-    def recv_payload(self, nbytes: int) -> bytes:
-        """The byte payload a header announced."""
+    def _recv_bytes(self, nbytes: int) -> bytes:
         if not nbytes:
             return b""
         t = torch.empty(nbytes, dtype=torch.uint8)
         dist.irecv(t, self.peer, group=self.groups.headers).wait(self._span)
         return t.numpy().tobytes()
 
-    def recv_tensor(self, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-        """A tensor on this rank's device (hidden states, logits, a mask)."""
+    def _recv_tensor(self, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         t = torch.empty(tuple(shape), dtype=dtype, device=self.groups.device)
         dist.irecv(t, self.peer, group=self.groups.data).wait(self._span)
         return t
 
-    def recv_body(self, header: Header) -> tuple[bytes, torch.Tensor | None, torch.Tensor | None]:
-        """The payload, tensor and mask that follow ``header``."""
-        payload = self.recv_payload(header.nbytes)
-        x = mask = None
-        if header.x_dtype is not None:
-            x = self.recv_tensor(header.x_dtype, header.x_shape)
-            if header.mask:
-                mask = self.recv_tensor(torch.bool, header.x_shape[:2])
-        return payload, x, mask
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 tensor (a view when it is contiguous)."""
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+def _pair(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (tensors + [None, None])[0], (tensors + [None, None])[1]
 
 
 def _described(kind: Kind, x: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -468,8 +517,7 @@ class RankLink:
             if self._failed is not None:
                 raise self._failed
             try:
-                header = self._wire.recv_header()
-                payload, x, _ = self._wire.recv_body(header)
+                header, payload, x, _ = self._wire.recv()
                 self._wire.wait(sends)  # done: the rank answered after receiving them
             except (RuntimeError, PartialRunError) as exc:
                 raise self._fail(f"no answer to {kind.name}: {_first_line(exc)}") from exc
@@ -633,12 +681,12 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
     unsent: deque[Any] = deque()  # replies' send works not known complete (rank 0 reads later)
     while True:
         try:
-            header = wire.recv_header()
-            payload, x, mask = wire.recv_body(header)
+            header, payload, x, mask = wire.recv()
         except RuntimeError as exc:
             raise NodeError("rank 0", f"gone or silent: {_first_line(exc)}") from exc
         if header.kind == Kind.STOP:
             log.info("rank %d: stopped by rank 0", groups.rank)
+            wire.wait(unsent)  # rank 0 read every reply before it said stop
             return
         if header.kind == Kind.ABORT:
             raise NodeError(f"rank {header.a}", payload.decode(errors="replace"))

@@ -1,0 +1,221 @@
+"""SmolLM2 over torch.distributed ranks (gloo, CPU) next to socket_rpc nodes and one process.
+
+    python bench/pipeline_dist.py [--dir SEPWEIGHT_DIR] [--tokens 32] [--rounds 3] [--flight 3]
+
+Prints, from one run (for each rank count one torchrun launch; its rank 0 alternates the
+configurations round by round -- the ranks, two socket_rpc nodes, one process holding the whole
+model -- and takes medians, so load from elsewhere hits them alike):
+- per-hop overhead per decode token, batch 1: (wall - the parts' compute) / remote hops, for
+  2 and 3 torch.distributed ranks (rank 0 holds the first part, so N ranks make N-1 hops) and
+  for a pipeline of 2 socket_rpc nodes on 127.0.0.1 (2 hops); target: gloo no worse;
+- tokens/s with ``--flight`` sequences in flight (each batch 1, one decode step of every
+  sequence sent through the ranks with ``forward_in_flight``: rank 0 sends sequence k+1 before
+  k's result is back) on 2 and 3 ranks, vs one process decoding the same sequences one after
+  another; target: 3 ranks >= 1.5x where there are cores for them. One process decoding them
+  as one batch is printed too (what batching alone gives).
+
+bench/pipeline.py calls :func:`dist_lines` for its torch.distributed lines. Each rank runs on
+``--threads`` torch threads. The ranks are this file run by torchrun (``--rank-main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# bench/socket_rpc.py would shadow the socket_rpc package: drop this folder from the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+
+PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 1836, 28, 2952, 359, 253, 1124, 282, 253]
+
+
+def _pipeline_module():
+    """bench/pipeline.py (its SmolLM2 conversion, node processes and decode loop)."""
+    spec = importlib.util.spec_from_file_location("bench_pipeline", _HERE / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- inside the ranks -------------------------------------------------------------------------
+
+
+def _greedy_in_flight(pipeline, forward_in_flight, flight: int, tokens: int) -> float:
+    """``flight`` batch-1 sequences decoded together through the chain; returns seconds for
+    the decode steps (the prefill excluded)."""
+    sessions = [pipeline.session(1, len(PROMPT) + tokens + 1) for _ in range(flight)]
+    ids = [torch.tensor([PROMPT]) for _ in range(flight)]
+    links, sids = pipeline.links, [s.id for s in sessions]
+    logits = forward_in_flight(links, sids, 0, ids)
+    start = time.perf_counter()
+    for step in range(1, tokens + 1):
+        ids = [out[:, -1:].argmax(-1) for out in logits]
+        logits = forward_in_flight(links, sids, step, ids)
+    elapsed = time.perf_counter() - start
+    for s in sessions:
+        s.close()
+    return elapsed
+
+
+def _one_process(model, decode, flight: int, tokens: int) -> tuple[float, float]:
+    """Seconds for ``flight`` batch-1 decodes one after another (decode steps only), and for
+    the same sequences decoded as one batch."""
+    sequential = sum(decode(model, tokens)[0] * tokens for _ in range(flight))
+    with model.session(flight, len(PROMPT) + tokens + 1) as session:
+        logits = session(torch.tensor([PROMPT] * flight))
+        start = time.perf_counter()
+        for _ in range(tokens):
+            logits = session(logits[:, -1:].argmax(-1))
+        batched = time.perf_counter() - start
+    return sequential, batched
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    """One rank of the bench cluster (run by torchrun): ranks > 0 serve; rank 0 measures, round
+    by round alternated, the ranks, the socket nodes and one process (the whole model loaded
+    here too), and prints ``result {json}``."""
+    from llm_partial_run.dist import Cluster, close_ranks, forward_in_flight, init_ranks, serve_rank
+    from llm_partial_run.launch import auto_parts
+    from llm_partial_run.local import LocalLink
+    from llm_partial_run.parts import load_any_part
+    from llm_partial_run.session import LocalModel, Pipeline
+    from llm_sepweight import read_manifest
+
+    torch.set_num_threads(args.threads)
+    groups = init_ranks("cpu", timeout=300)
+    spec = auto_parts(read_manifest(args.dir), groups.world_size)[groups.rank]
+    link = LocalLink(load_any_part(args.dir, spec, verify=False), name=f"rank {groups.rank}")
+    if groups.rank:
+        serve_rank(link, groups)
+        close_ranks()
+        return
+    decode = _pipeline_module().decode
+    model = LocalModel(args.dir)
+    sockets = Pipeline(args.nodes.split(","))
+    found: dict[str, list] = {"dist": [], "socket": [], "flight": [], "one": [], "batch": []}
+    with Cluster(groups) as cluster:
+        pipeline = Pipeline([link, *cluster.links])
+        for source in (pipeline, sockets, model):
+            decode(source, 4)  # warm up
+        _greedy_in_flight(pipeline, forward_in_flight, args.flight, 2)
+        for _ in range(args.rounds):
+            found["dist"].append(decode(pipeline, args.tokens))
+            found["socket"].append(decode(sockets, args.tokens))
+            found["flight"].append(
+                _greedy_in_flight(pipeline, forward_in_flight, args.flight, args.tokens)
+            )
+            one, batch = _one_process(model, decode, args.flight, args.tokens)
+            found["one"].append(one)
+            found["batch"].append(batch)
+    sockets.close()
+    result = {"ranks": groups.world_size, "hops": groups.world_size - 1}
+    for name in ("dist", "socket"):
+        runs = found[name]
+        result[name] = [statistics.median(r[i] for r in runs) for i in range(4)]
+    for name in ("flight", "one", "batch"):
+        result[name + "_tps"] = args.flight * args.tokens / statistics.median(found[name])
+    print("result " + json.dumps(result), flush=True)
+    close_ranks()
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rounds: int,
+              flight: int, threads: int) -> dict:  # fmt: skip
+    """Start ``ranks`` ranks under torchrun on 127.0.0.1 and return rank 0's measurements."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(Path(__file__).resolve()), "--rank-main",
+           "--dir", str(directory), "--tokens", str(tokens), "--rounds", str(rounds),
+           "--flight", str(flight), "--threads", str(threads),
+           "--nodes", ",".join(nodes)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("result "):
+            return json.loads(line.removeprefix("result "))
+    raise SystemExit(f"{ranks} ranks failed ({done.returncode}): {done.stderr[-3000:]}")
+
+
+def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: int = 3,
+               threads: int = 1, ranks: tuple[int, ...] = (2, 3)) -> list[str]:  # fmt: skip
+    """The torch.distributed lines of the pipeline bench (for bench/pipeline.py), measured now.
+
+    For each rank count, one torchrun launch whose rank 0 alternates, round by round: batch-1
+    decode over the ranks and over 2 socket_rpc nodes (per-hop overhead side by side), and
+    ``flight`` sequences in flight over the ranks vs one process (the whole model in rank 0's
+    process) decoding them one after another, and as one batch.
+    """
+    bench = _pipeline_module()
+    procs = bench.start_nodes(directory, ("b 0-15", "15-30 e"), threads)
+    try:
+        nodes = [bench.ready(p) for p in procs]
+        results = [run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds, flight=flight,
+                             threads=threads) for n in ranks]  # fmt: skip
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+    lines = []
+    for r in results:
+        n, hops = r["ranks"], r["hops"]
+        wall, compute = r["dist"][0], r["dist"][1]
+        swall, scompute = r["socket"][0], r["socket"][1]
+        hop, shop = (wall - compute) / hops * 1e3, (swall - scompute) / 2 * 1e3
+        lines.append(
+            f"  {n} gloo ranks: {wall * 1e3:6.2f} ms/token (compute {compute * 1e3:6.2f}), "
+            f"overhead {hop:5.2f} ms/hop; 2 socket_rpc nodes alternated: {swall * 1e3:6.2f} "
+            f"ms/token, {shop:5.2f} ms/hop: gloo/socket {hop / shop:4.2f}x (target <= 1x)"
+        )
+        tps, one, batch = r["flight_tps"], r["one_tps"], r["batch_tps"]
+        lines.append(
+            f"  {n} gloo ranks, {flight} sequences in flight: {tps:5.1f} tokens/s vs one process "
+            f"{one:5.1f} (one after another): {tps / one:4.2f}x (target >= 1.5x on 3 ranks); "
+            f"one process batching them: {batch:5.1f} tokens/s"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", help="SmolLM2 sepweight directory (default: convert the GGUF)")
+    parser.add_argument("--tokens", type=int, default=32, help="decode tokens per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians)")
+    parser.add_argument("--flight", type=int, default=3, help="sequences in flight")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nodes", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_main:
+        rank_main(args)
+        return
+    torch.set_num_threads(args.threads)
+    directory = _pipeline_module().smollm2_dir(args.dir)
+    print(f"SmolLM2-135M decode over torch.distributed (gloo, CPU), {args.tokens} tokens x "
+          f"{args.rounds} rounds, {args.threads} torch thread(s) per process, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    for line in dist_lines(directory, tokens=args.tokens, rounds=args.rounds, flight=args.flight,
+                           threads=args.threads):  # fmt: skip
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
