@@ -40,6 +40,14 @@ def test_local_model_generates_what_transformers_generates(tiny):
     assert len(set(sum(batch, []))) > 3  # the tokens vary, so a wrong cache would show
 
 
+def test_streamed_layers_generate_the_same_tokens(tiny):
+    with LocalModel(tiny.directory, ("b 0-4", "4-6 e"), resident_layers=2) as model:
+        assert model.infos[0].resident_layers == 2
+        with model.session(batch_size=len(PROMPTS), max_len=32) as session:
+            batch = llm_sampler.generate(session, PROMPTS, max_new_tokens=8, cached=True)
+    assert batch == hf_tokens(tiny.hf, PROMPTS)
+
+
 def test_whole_model_in_one_part_and_timing_stats(tiny_llama):
     model = LocalModel(tiny_llama.directory)  # "f"
     assert [info.spec for info in model.infos] == ["b 0-6 e"]

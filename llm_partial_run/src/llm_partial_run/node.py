@@ -174,6 +174,9 @@ class Node:
             # is unwound by pthread_exit, which aborts the process ("terminate called ...")
             self._reaper.join(5.0)
         self.link.close()
+        close_part = getattr(self.link.part, "close", None)  # a streamed part's loader thread
+        if close_part is not None:
+            close_part()
 
 
 def serve(

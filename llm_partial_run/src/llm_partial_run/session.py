@@ -395,6 +395,16 @@ class LocalModel(Pipeline):
             links.append(LocalLink(part, info=part_info(part, arch=manifest.arch, model=model)))
         super().__init__(links)
 
+    def close(self) -> None:
+        """Close every session and the parts' loader threads (streamed parts); the model is
+        unusable afterwards."""
+        super().close()
+        for link in self.chain.links if hasattr(self, "chain") else []:
+            link.close()
+            close_part = getattr(link.part, "close", None)
+            if close_part is not None:
+                close_part()
+
     @classmethod
     def from_parts(cls, parts: Sequence[Any]) -> Pipeline:
         """A pipeline over parts already loaded in this process."""
