@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from llm_llama_model import LlamaModelError, load_part
+from llm_llama_model import load_part
 from llm_sepweight import load
+from llm_slice_core import InputError
 
 pytestmark = pytest.mark.slow
 
@@ -99,5 +100,5 @@ def test_loading_a_middle_part_reads_only_its_layer_files(smollm2_sepweight, tmp
     assert hidden.shape == (1, 3, 576) and torch.isfinite(hidden).all()
     with pytest.raises(Exception, match="begin.safetensors"):
         load_part(tmp_path, "b 0-8")
-    with pytest.raises(LlamaModelError, match="hidden states"):
+    with pytest.raises(InputError, match="hidden states"):
         part(torch.randn(1, 3, 575))

@@ -73,6 +73,7 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        owner: object = None,
     ) -> None:
         if batch_size < 1 or max_len < 1:
             raise CacheError(
@@ -93,6 +94,7 @@ class KVCache:
         self.real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.device = self.real.device
+        self.owner = owner  # what made it (a part checks its caches are its own)
         self.padded = False
         self.joined = False  # True once join()ed into another cache: then unusable
 
@@ -223,9 +225,9 @@ class KVCache:
         other._check_usable()
         mine = (len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         theirs = (len(other.layers), other.kv_heads, other.head_dim, other.dtype, other.device)
-        if mine != theirs:
+        if mine != theirs or other.owner is not self.owner:
             raise CacheError(
-                f"other was made for another part: (layers, kv_heads, head_dim, dtype, device) "
+                f"other was made by another part: (layers, kv_heads, head_dim, dtype, device) "
                 f"{theirs} vs this cache's {mine}"
             )
 

@@ -53,6 +53,7 @@ class ModelPart(nn.Module):
         self._groups: dict[int | str, list[packing.Linears]] = {}
         self._weightless: set[int] = set()
         self._placement = (torch.device("cpu"), torch.float32)
+        self._token = object()  # marks the caches this part made
 
     # -- what a family provides ----------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class ModelPart(nn.Module):
         self.check_max_len(max_len)
         return KVCache(
             len(self.layers), batch_size, max_len, self.kv_heads, self.head_dim,
-            device=self.device, dtype=self.dtype,
+            device=self.device, dtype=self.dtype, owner=self._token,
         )  # fmt: skip
 
     def cache_bytes(self, batch_size: int, max_len: int) -> int:
@@ -269,15 +270,9 @@ class ModelPart(nn.Module):
         return x.shape[0], x.shape[1]
 
     def _check_cache(self, cache: KVCache) -> KVCache:
-        sizes = (len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
-        if not isinstance(cache, KVCache) or (
-            not cache.joined
-            and (len(cache.layers), cache.kv_heads, cache.head_dim, cache.dtype, cache.device)
-            != sizes
-        ):
+        if not isinstance(cache, KVCache) or cache.owner is not self._token:
             raise CacheError(
-                f"cache was not made by this part's new_cache() (layers, kv_heads, head_dim, "
-                f"dtype, device = {sizes})"
+                f"cache was not made by this part's new_cache(), got {type(cache).__name__}"
             )
         return cache
 
