@@ -17,10 +17,8 @@ before anything reaches the model; a client that disconnects stops its generatio
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -29,9 +27,17 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from llm_sampler import SamplerError, SamplingConfig
-
-from .batcher import Batcher, BusyError, Event, Job, Settings
+from .api_requests import (
+    ApiError,
+    chat_messages,
+    check_key,
+    check_model,
+    completion_prompts,
+    generation_settings,
+    get_field,
+    read_json_body,
+)
+from .batcher import Batcher, BusyError, Event, Job
 from .errors import PartialRunError
 from .text import ChatTemplateError, Tokenizer
 
@@ -41,44 +47,6 @@ access_log = logging.getLogger(__name__ + ".access")
 DEFAULT_CONTEXT = 2048
 """Cache positions per request when neither the caller nor the model says otherwise."""
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-UNSUPPORTED = {  # parameter -> the values we accept (OpenAI's defaults)
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "functions": (None, []),
-    "best_of": (None, 1),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "response_format": (None, {"type": "text"}),
-}
-
-
-class ApiError(Exception):
-    """A request refused with an OpenAI-shaped error body and an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code,
-        )  # fmt: skip
-
-    def body(self) -> dict[str, Any]:
-        """``{"error": {"message", "type", "param", "code"}}``."""
-        error = {"message": self.message, "type": self.type, "param": self.param}
-        return {"error": {**error, "code": self.code}}
-
 
 class Model:
     """What the HTTP layer serves: a tokenizer, the batcher, a name and a context length."""
@@ -86,6 +54,7 @@ class Model:
     def __init__(self, name: str, tokenizer: Tokenizer, batcher: Batcher, context_len: int) -> None:
         self.name, self.tokenizer, self.batcher = name, tokenizer, batcher
         self.context_len = context_len
+        self.max_rows = batcher.max_rows
         self.created = int(time.time())
         self.stop_token_ids = tuple(tokenizer.eos_token_ids)
 
@@ -136,7 +105,7 @@ def create_app(
     def guarded(handler: Callable) -> Callable:
         async def endpoint(request: Any) -> Any:
             try:
-                _check_key(request, key)
+                check_key(request, key)
                 return await handler(request, model)
             except ApiError as exc:
                 return _error_response(exc)
@@ -170,9 +139,9 @@ def create_app(
 
 
 async def _chat(request: Any, model: Model) -> Any:
-    body = await _json_body(request)
-    _check_model(body, model)
-    messages = _messages(body.get("messages"))
+    body = await read_json_body(request)
+    check_model(body, model)
+    messages = chat_messages(body.get("messages"))
     try:
         text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ChatTemplateError as exc:
@@ -182,9 +151,9 @@ async def _chat(request: Any, model: Model) -> Any:
 
 
 async def _completions(request: Any, model: Model) -> Any:
-    body = await _json_body(request)
-    _check_model(body, model)
-    prompts = _prompts(body.get("prompt"), model.tokenizer)
+    body = await read_json_body(request)
+    check_model(body, model)
+    prompts = completion_prompts(body.get("prompt"), model.tokenizer)
     return await _generate(request, model, body, prompts, chat=False)
 
 
@@ -193,7 +162,7 @@ async def _models(request: Any, model: Model) -> Any:
 
 
 async def _model(request: Any, model: Model) -> Any:
-    _check_model({"model": request.path_params["model_id"]}, model)
+    check_model({"model": request.path_params["model_id"]}, model)
     return _json(_model_card(model))
 
 
@@ -209,9 +178,9 @@ def _model_card(model: Model) -> dict[str, Any]:
 async def _generate(
     request: Any, model: Model, body: dict, prompts: list[list[int]], *, chat: bool
 ) -> Any:
-    settings, n = _settings(body, model, prompts, chat=chat)
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, None) or {}
+    settings, n = generation_settings(body, model, prompts, chat=chat)
+    stream = get_field(body, "stream", bool, False)
+    options = get_field(body, "stream_options", dict, None) or {}
     include_usage = bool(options.get("include_usage")) if stream else False
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -309,192 +278,6 @@ class _Reply:
                 "model": self.model.name, "system_fingerprint": None}  # fmt: skip
 
 
-# ---- request checks --------------------------------------------------------------------------
-
-
-async def _json_body(request: Any) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _check_key(request: Any, key: bytes | None) -> None:
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
-        raise ApiError(401, "incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                       code="invalid_api_key")  # fmt: skip
-
-
-def _check_model(body: dict, model: Model) -> None:
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise ApiError(400, f"'model' must be a string naming {model.name!r}", param="model")
-    if name != model.name:
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                       f"{model.name!r}", param="model", code="model_not_found")  # fmt: skip
-
-
-_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-          dict: "an object", list: "an array"}  # fmt: skip
-
-
-def _get(body: dict, name: str, kind: type, default: Any) -> Any:
-    """``body[name]`` checked to be of ``kind`` (a bool is not a number); null means default."""
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds = (int, float) if kind is float else kind
-    ok = isinstance(value, kinds) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and ok:
-        ok = math.isfinite(value)
-    if not ok:
-        raise ApiError(400, f"'{name}' must be {_TYPES[kind]}, got {json.dumps(value)[:80]}",
-                       param=name)  # fmt: skip
-    return value
-
-
-def _in_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ApiError(400, f"'{name}' must be in {bracket}{low}, {high}], got {value}",
-                       param=name)  # fmt: skip
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise ApiError(400, "'messages' must be a non-empty array of messages", param="messages")
-    out = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"'{where}' must be an object", param=where)
-        role = message.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got "
-                           f"{json.dumps(role)}", param=f"{where}.role")  # fmt: skip
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(message.get("content"), where)})  # fmt: skip
-    return out
-
-
-def _content(content: Any, where: str) -> str:
-    """A message's content: a string, or an array of text parts (joined by new lines)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):  # fmt: skip
-                raise ApiError(400, f"'{where}.content' parts must be text parts "
-                               "({'type': 'text', 'text': ...}); this model reads text only",
-                               param=f"{where}.content")  # fmt: skip
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise ApiError(400, f"'{where}.content' must be a string or an array of text parts",
-                   param=f"{where}.content")  # fmt: skip
-
-
-def _prompts(value: Any, tokenizer: Tokenizer) -> list[list[int]]:
-    """A completion's prompt: a string, an array of strings, of token ids, or of id arrays."""
-    if isinstance(value, str):
-        value = [value]
-    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token "
-                       "ids or an array of such arrays, and not empty", param="prompt")  # fmt: skip
-    prompts = []
-    for item in value:
-        if isinstance(item, str):
-            ids = tokenizer.encode(item)
-        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
-            ids = list(item)
-            if not all(0 <= t < tokenizer.vocab_size for t in ids):
-                raise ApiError(400, f"'prompt' token ids must be in [0, {tokenizer.vocab_size})",
-                               param="prompt")  # fmt: skip
-        else:
-            raise ApiError(400, "each prompt must be a string or a non-empty array of token ids",
-                           param="prompt")  # fmt: skip
-        if not ids:
-            raise ApiError(400, "'prompt' must not be empty (it encodes to no token)",
-                           param="prompt")  # fmt: skip
-        prompts.append(ids)
-    return prompts
-
-
-def _settings(
-    body: dict, model: Model, prompts: list[list[int]], *, chat: bool
-) -> tuple[Settings, int]:
-    for name, accepted in UNSUPPORTED.items():
-        if body.get(name, None) not in accepted:
-            raise ApiError(400, f"'{name}' = {json.dumps(body[name])[:80]} is not supported by "
-                           "this server", param=name)  # fmt: skip
-    temperature = float(_get(body, "temperature", float, 1.0))
-    _in_range("temperature", temperature, 0.0, 2.0)
-    top_p = float(_get(body, "top_p", float, 1.0))
-    _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
-    top_k = _get(body, "top_k", int, 0)  # extensions (vLLM, llama.cpp)
-    _in_range("top_k", top_k, 0, model.tokenizer.vocab_size)
-    min_p = float(_get(body, "min_p", float, 0.0))
-    _in_range("min_p", min_p, 0.0, 1.0)
-    penalty = float(_get(body, "repetition_penalty", float, 1.0))
-    _in_range("repetition_penalty", penalty, 0.0, 10.0, low_open=True)
-    n = _get(body, "n", int, 1)
-    _in_range("n", n, 1, model.batcher.max_rows)
-    if len(prompts) * n > model.batcher.max_rows:
-        raise ApiError(400, f"{len(prompts)} prompts x n={n} exceed the {model.batcher.max_rows} "
-                       "rows this server decodes at once", param="n")  # fmt: skip
-    seed = _get(body, "seed", int, None)
-    stop = _stop(body.get("stop"))
-    longest = max(len(p) for p in prompts)
-    where = "messages" if chat else "prompt"
-    if longest >= model.context_len:
-        raise ApiError(400, f"this model's context is {model.context_len} tokens; the prompt "
-                       f"has {longest}", param=where, code="context_length_exceeded")  # fmt: skip
-    default = model.context_len - longest if chat else min(16, model.context_len - longest)
-    max_tokens = _get(body, "max_completion_tokens", int, None)
-    name = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, name = _get(body, "max_tokens", int, default), "max_tokens"
-    _in_range(name, max_tokens, 1, 1 << 31)
-    if longest + max_tokens > model.context_len:
-        raise ApiError(400, f"this model's context is {model.context_len} tokens; the prompt "
-                       f"({longest}) + {name} ({max_tokens}) exceed it", param=name,
-                       code="context_length_exceeded")  # fmt: skip
-    try:
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  min_p=min_p, repetition_penalty=penalty)  # fmt: skip
-    except SamplerError as exc:
-        raise ApiError(400, str(exc)) from exc
-    return Settings(max_tokens, sampling, seed, stop, model.stop_token_ids), n
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if (not isinstance(stops, list) or len(stops) > 4
-            or not all(isinstance(s, str) and s for s in stops)):  # fmt: skip
-        raise ApiError(400, "'stop' must be a non-empty string or an array of up to 4 of them",
-                       param="stop")  # fmt: skip
-    return tuple(stops)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # ---- responses, streaming, disconnects, access log ---------------------------------------------
 
 
@@ -589,16 +372,10 @@ class _AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), [0]
+        start, status, logged = time.perf_counter(), [0], [False]
 
-        async def logged_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, logged_send)
-        finally:
+        def write() -> None:
+            logged[0] = True
             usage = scope.get("llm_usage") or {}
             client = scope.get("client") or ("-", 0)
             tokens = (f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}"
@@ -606,6 +383,19 @@ class _AccessLog:
             access_log.info('%s:%s "%s %s HTTP/%s" %d%s %.3fs', client[0], client[1],
                             scope["method"], scope["path"], scope["http_version"], status[0],
                             tokens, time.perf_counter() - start)  # fmt: skip
+
+        async def logged_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                write()  # before the last byte leaves: the client never sees the end first
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            if not logged[0]:  # the client went away (or the app failed) before the end
+                write()
 
 
 def _contextmanager(lifespan: Callable) -> Callable:
@@ -646,7 +436,7 @@ def _context_len(source: Any, context_len: int | None) -> int:
         known = read_manifest(directory).config.get("max_position_embeddings")
     if context_len is None:
         return min(DEFAULT_CONTEXT, known) if known else DEFAULT_CONTEXT
-    if not _is_int(context_len) or context_len < 2:
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 2:
         raise PartialRunError(f"context_len must be an int >= 2, got {context_len!r}")
     if known and context_len > known:
         raise PartialRunError(
@@ -659,10 +449,12 @@ def _context_len(source: Any, context_len: int | None) -> int:
 
 
 class ApiServer:
-    """uvicorn serving ``app`` on a background thread (tests, benchmarks, notebooks)::
+    """uvicorn serving ``app``: on a background thread (tests, benchmarks, notebooks)::
 
-    with ApiServer(create_app(model), port=0) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+        with ApiServer(create_app(model), port=0) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+
+    or in this thread until interrupted (:meth:`run`, what :func:`serve_api` does).
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -672,21 +464,30 @@ class ApiServer:
                                 access_log=False, lifespan="on", log_config=None)  # fmt: skip
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
-
-    def start(self, timeout: float = 60.0) -> ApiServer:
-        """Start serving; returns once the socket accepts connections."""
-        started = threading.Event()
+        self._started = threading.Event()
         original = self.server.startup
 
         async def startup(*args: Any, **kwargs: Any) -> None:
             await original(*args, **kwargs)
-            started.set()
+            if self.server.started:
+                self._started.set()
+                if self._on_ready is not None:
+                    self._on_ready(self.url)
 
         self.server.startup = startup
+        self._on_ready: Callable[[str], None] | None = None
+
+    def run(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Serve in this thread until SIGINT/SIGTERM; ``on_ready(url)`` once it listens."""
+        self._on_ready = on_ready
+        self.server.run()
+
+    def start(self, timeout: float = 60.0) -> ApiServer:
+        """Serve on a background thread; returns once the socket accepts connections."""
         self._thread = threading.Thread(target=self.server.run, name="llm-api", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while not started.wait(0.05):
+        while not self._started.wait(0.05):
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
                 raise PartialRunError(f"the HTTP server did not start within {timeout} s")
@@ -712,14 +513,24 @@ class ApiServer:
         self.stop()
 
 
-def serve_api(source: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Serve ``create_app(source, **options)`` with uvicorn until interrupted (blocks)."""
-    import uvicorn
-
+def serve_api(
+    source: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    **options: Any,
+) -> None:
+    """Serve ``create_app(source, **options)`` on ``host:port`` until SIGINT/SIGTERM (blocks);
+    ``on_ready(url)`` is called once it accepts connections (port 0: a free port)."""
     app = create_app(source, **options)
-    log.info("serving model %r on http://%s:%d/v1", app.state.model.name, host, port)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning",
-                log_config=None)  # fmt: skip
+
+    def ready(url: str) -> None:
+        log.info("serving model %r on %s/v1", app.state.model.name, url)
+        if on_ready is not None:
+            on_ready(url)
+
+    ApiServer(app, host, port).run(ready)
 
 
 def read_api_key(path: str | os.PathLike[str]) -> str:

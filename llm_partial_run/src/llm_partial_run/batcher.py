@@ -218,6 +218,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row] = []
+        self._admitted = 0  # rows taken from the queue, being prefilled (not in _rows yet)
         self._session: Session | None = None
         self._length = 0  # filled slots of the batch session's cache
         self._thread: threading.Thread | None = None
@@ -260,7 +261,7 @@ class Batcher:
         with self._cond:
             if self._thread is None:
                 raise PartialRunError("the batcher is not running")
-            busy = len(self._rows) + sum(j.rows for j in self._waiting)
+            busy = self._busy_rows()
             if busy + job.rows > self.max_rows + self.max_waiting:
                 raise BusyError(
                     f"{busy} rows are running or waiting (at most {self.max_rows} running and "
@@ -269,11 +270,14 @@ class Batcher:
             self._waiting.append(job)
             self._cond.notify_all()
 
+    def _busy_rows(self) -> int:
+        return len(self._rows) + self._admitted + sum(j.rows for j in self._waiting)
+
     def stats(self) -> dict[str, Any]:
         """Rows running and waiting, whether the batch session is open, steps run."""
         with self._cond:
             return {
-                "running": len(self._rows),
+                "running": len(self._rows) + self._admitted,
                 "waiting": sum(j.rows for j in self._waiting),
                 "session_open": self._session is not None,
                 "length": self._length,
@@ -284,7 +288,7 @@ class Batcher:
         """Wait until no row runs or waits and the batch session is closed; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._rows or self._waiting or self._session is not None:
+            while self._busy_rows() or self._session is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -338,12 +342,21 @@ class Batcher:
                 break
             self._waiting.popleft()
             group.append(job)
+            self._admitted += job.rows
             rows += job.rows
             length = max(length, longest)
             need = max(need, job.settings.max_tokens - 1)
         return group
 
     def _prefill(self, jobs: list[Job]) -> None:
+        try:
+            self._prefill_rows(jobs)
+        finally:
+            with self._cond:
+                self._admitted = 0
+                self._cond.notify_all()
+
+    def _prefill_rows(self, jobs: list[Job]) -> None:
         rows, prompts = [], []
         for job in jobs:
             for p, prompt in enumerate(job.prompts):
@@ -384,6 +397,7 @@ class Batcher:
             mine = self._length if self._rows else 0
             self._length = max(mine, max(r.extent for r in rows))
             self._rows.extend(rows)
+            self._admitted = 0
 
     def _step(self) -> None:
         ids = torch.tensor([[r.last] for r in self._rows], dtype=torch.long)
