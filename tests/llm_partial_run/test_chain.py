@@ -17,7 +17,7 @@ class FakeLink:
     def __init__(self, name: str, spec: str, **info) -> None:
         self.name = name
         fields = dict(arch="llama", spec=spec, num_layers=6, dtype="float32", device="cpu",
-                      model="m")  # fmt: skip
+                      model="m", fingerprint="f1")  # fmt: skip
         self._info = PartInfo(**{**fields, **info})
         self.calls: list[str] = []
 
@@ -80,13 +80,24 @@ def test_cover_errors_name_the_nodes(specs, message):
         ("arch", "falcon", "node n1 serves architecture 'falcon', but node n0 serves 'llama'"),
         ("num_layers", 8, "node n1 serves a layer count of 8, but node n0 serves 6"),
         ("dtype", "bfloat16", "node n1 serves dtype 'bfloat16', but node n0 serves 'float32'"),
-        ("model", "other", "node n1 serves model 'other', but node n0 serves 'm'"),
+        (
+            "fingerprint",
+            "f2",
+            "node n1 serves weights of fingerprint 'f2', but node n0 serves 'f1'",
+        ),
         ("protocol", PROTOCOL_VERSION + 1, f"node n1 speaks node protocol {PROTOCOL_VERSION + 1}"),
     ],
 )
 def test_mismatched_parts_are_refused(field, value, message):
     with pytest.raises(ChainError, match=message):
         chain(FakeLink("n0", "b 0-3"), FakeLink("n1", "3-6 e", **{field: value}))
+
+
+def test_copies_of_a_model_under_other_names_chain():
+    a, b = FakeLink("n0", "b 0-3", model="sw"), FakeLink("n1", "3-6 e", model="/data/copy")
+    assert [x.name for x in chain(a, b).links] == ["n0", "n1"]
+    c = FakeLink("n2", "3-6 e", fingerprint="")  # a transport that does not report it
+    assert [x.name for x in chain(a, c).links] == ["n0", "n2"]
 
 
 def test_no_parts_and_a_bad_spec():

@@ -31,8 +31,9 @@ def check_chain(
 ) -> Chain:
     """Order the parts into a chain, or raise :class:`ChainError` naming a node and the reason.
 
-    Refused: no parts; a protocol version, architecture, layer count, dtype or model that differs
-    from the first node's; a missing begin or end; a gap or an overlap of layers; a spare whose
+    Refused: no parts; a protocol version, architecture, layer count, dtype or weights
+    (``fingerprint``; the directory's name may differ between copies) that differ from the
+    first node's; a missing begin or end; a gap or an overlap of layers; a spare whose
     spec matches no part of the chain.
     """
     if not nodes:
@@ -67,10 +68,10 @@ def _check_same(link: PartLink, info: PartInfo, first_link: PartLink, first: Par
             f"node {link.name} speaks node protocol {info.protocol}, this client "
             f"{PROTOCOL_VERSION}: run the same llm_partial_run version on both"
         )
-    for what in ("arch", "num_layers", "dtype", "model"):
+    for what in ("arch", "num_layers", "dtype", "fingerprint"):
         mine, theirs = getattr(info, what), getattr(first, what)
-        if what == "model" and (not mine or not theirs):
-            continue
+        if what == "fingerprint" and (not mine or not theirs):
+            continue  # a transport that does not know it
         if mine != theirs:
             raise ChainError(
                 f"node {link.name} serves {_WHAT[what]} {mine!r}, but node {first_link.name} "
@@ -79,7 +80,7 @@ def _check_same(link: PartLink, info: PartInfo, first_link: PartLink, first: Par
 
 
 _WHAT = {"arch": "architecture", "num_layers": "a layer count of", "dtype": "dtype",
-         "model": "model"}  # fmt: skip
+         "fingerprint": "weights of fingerprint"}  # fmt: skip
 
 
 def _spec(link: PartLink, info: PartInfo) -> PartSpec:

@@ -234,8 +234,11 @@ class LocalLink:
         raise SessionError(f"{self.name}: no open session {session_id!r}")
 
 
-def part_info(part: Any, *, arch: str | None = None, model: str = "") -> PartInfo:
-    """The :class:`PartInfo` of a loaded part (``arch`` found from its package when not given)."""
+def part_info(
+    part: Any, *, arch: str | None = None, model: str = "", fingerprint: str = ""
+) -> PartInfo:
+    """The :class:`PartInfo` of a loaded part (``arch`` found from its package when not given;
+    ``fingerprint``: :func:`llm_partial_run.parts.fingerprint` of its manifest)."""
     config = part.config
     num_layers = getattr(config, "num_hidden_layers", None)
     if num_layers is None:
@@ -248,6 +251,7 @@ def part_info(part: Any, *, arch: str | None = None, model: str = "") -> PartInf
         device=str(part.device),
         model=model,
         resident_layers=getattr(part, "resident_layers", None),
+        fingerprint=fingerprint,
     )
 
 

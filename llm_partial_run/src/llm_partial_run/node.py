@@ -28,7 +28,7 @@ from llm_sepweight import read_manifest
 from socket_rpc import Limits, Server, exposed
 
 from .local import LocalLink, part_info
-from .parts import load_any_part
+from .parts import fingerprint, load_any_part
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class Node:
         manifest = read_manifest(self.directory)
         loaded = load_any_part(self.directory, part, device=device, dtype=dtype, pack=pack,
                                verify=verify, resident_layers=resident_layers)  # fmt: skip
-        info = part_info(loaded, arch=manifest.arch, model=self.directory.name)
+        info = part_info(loaded, arch=manifest.arch, model=self.directory.name,
+                         fingerprint=fingerprint(manifest))  # fmt: skip
         self.link = LocalLink(
             loaded, info=info, max_sessions=max_sessions, max_cache_bytes=max_cache_bytes,
             session_ttl=session_ttl,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llm_sepweight import IntegrityError, PartSpec, find_architecture, read_manifest
+from llm_sepweight import IntegrityError, Manifest, PartSpec, find_architecture, read_manifest
 from llm_sepweight import files as part_files
 
 from .errors import PartialRunError, SessionError
@@ -67,6 +67,16 @@ def verify_part(directory: str | os.PathLike[str], spec: str | PartSpec) -> None
             raise IntegrityError(f"{path} is missing (listed in the manifest of {directory})")
         if _sha256(path) != entry["sha256"]:
             raise IntegrityError(f"{path}: sha256 does not match the manifest (corrupt file)")
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """16 hex digits identifying a model's weights: a digest of its weight files' names and
+    sha256s in the manifest (every copy of a directory has the same; another model does not)."""
+    digest = hashlib.sha256()
+    for name in sorted(manifest.files):
+        if name.endswith(".safetensors"):
+            digest.update(f"{name}={manifest.files[name]['sha256']};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:

@@ -380,7 +380,7 @@ class LocalModel(Pipeline):
     ) -> None:
         from llm_sepweight import read_manifest
 
-        from .parts import load_any_part
+        from .parts import fingerprint, load_any_part
 
         devices = list(devices) if devices is not None else [device] * len(specs)
         if len(devices) != len(specs):
@@ -392,7 +392,9 @@ class LocalModel(Pipeline):
         for spec, dev in zip(specs, devices, strict=True):
             part = load_any_part(directory, spec, device=dev, dtype=dtype, pack=pack,
                                  verify=verify, resident_layers=resident_layers)  # fmt: skip
-            links.append(LocalLink(part, info=part_info(part, arch=manifest.arch, model=model)))
+            info = part_info(part, arch=manifest.arch, model=model,
+                             fingerprint=fingerprint(manifest))  # fmt: skip
+            links.append(LocalLink(part, info=info))
         super().__init__(links)
 
     def close(self) -> None:

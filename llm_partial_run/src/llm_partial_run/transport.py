@@ -24,7 +24,9 @@ class PartInfo:
 
     ``spec`` is the resolved part spec text (``"b 0-15"``); ``dtype`` and ``device`` are their
     torch names (``"float32"``, ``"cuda:0"``); ``model`` is a short name of the model (the
-    sepweight directory's name) used to refuse a chain mixing models.
+    sepweight directory's name, for people and the HTTP API's model list); ``fingerprint``
+    identifies the weights (a digest of the manifest's weight-file hashes, the same in every
+    copy of the directory) and is what refuses a chain mixing models; "" when unknown.
     """
 
     arch: str
@@ -35,6 +37,7 @@ class PartInfo:
     protocol: int = PROTOCOL_VERSION
     model: str = ""
     resident_layers: int | None = None
+    fingerprint: str = ""
 
     def to_dict(self) -> dict:
         """A plain dict (for a wire format that carries only plain values)."""
