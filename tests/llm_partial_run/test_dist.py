@@ -454,14 +454,18 @@ def _in_process(pipeline, batch: list[list[int]]) -> list[list[int]]:
 TINY_BATCHES = [[[5, 17, 3, 88, 41]], [[7, 1, 60, 2, 19, 33, 4], [42, 9]]]  # b1; left-padded
 
 
-@pytest.mark.parametrize("which, parts", [("llama", "auto"), ("falcon", "b 0-2,2-4,4-6 e")])
+@pytest.mark.parametrize(
+    "which, args",
+    [("llama", ("--parts", "auto")),
+     ("falcon", ("--parts", "b 0-2,2-4,4-6 e", "--resident-layers", "1"))],  # streamed layers
+)  # fmt: skip
 def test_tiny_models_on_three_ranks_equal_transformers_and_the_other_pipelines(
-    which, parts, request, shared_nodes
+    which, args, request, shared_nodes
 ):
     from llm_partial_run.session import LocalModel, Pipeline
 
     tiny = request.getfixturevalue(f"tiny_{which}")
-    got = _launched_tokens(tiny.directory, TINY_BATCHES, "--parts", parts)
+    got = _launched_tokens(tiny.directory, TINY_BATCHES, *args)
     for batch, tokens in zip(TINY_BATCHES, got, strict=True):
         assert tokens == _alone(tiny.hf, batch)
         assert tokens == _in_process(LocalModel(tiny.directory, specs=tiny.specs), batch)
@@ -500,6 +504,32 @@ def test_a_rank_killed_while_a_model_generates_ends_the_launch_naming_it(tiny_ll
         _assert_all_end_naming(ranks, 1, stream_name="stderr")
     finally:
         ranks.kill_all()
+
+
+def test_the_http_api_answers_over_two_ranks(smollm2_sepweight, smollm2_transformers):
+    import urllib.request
+
+    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "llm_partial_run.launch",
+           str(smollm2_sepweight), "--no-verify", "--api", "--port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+    try:
+        url = Ranks([proc]).wait_line(0, "ready ").split()[1]
+        body = {"model": smollm2_sepweight.name, "prompt": "The capital of France is",
+                "max_tokens": 6, "temperature": 0}  # fmt: skip
+        request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = json.loads(response.read())["choices"][0]["text"]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its ranks
+        proc.communicate(timeout=60)
+    model, tokenizer = smollm2_transformers
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.cuda

@@ -290,9 +290,23 @@ def _chat(tokenizer: Any, prompt: str) -> str:
 
 
 def _serve_api(args: argparse.Namespace, pipeline: Any) -> None:
-    from . import api
+    """The OpenAI-compatible API over the ranks' pipeline; prints ``ready URL`` once listening
+    (``--port 0``: a free port). Concurrent requests share decode steps (rows join and leave
+    the batch on every rank)."""
+    from .api import serve_api
+    from .text import Tokenizer
 
-    api.serve_pipeline(pipeline, directory=args.directory, host=args.host, port=args.port)
+    def ready(url: str) -> None:
+        print(f"ready {url}", flush=True)
+
+    config = read_manifest(args.directory).config
+    known = config.get("max_position_embeddings")
+    serve_api(
+        pipeline, args.host, args.port, on_ready=ready,
+        tokenizer=Tokenizer.from_dir(args.directory),
+        model_name=os.path.basename(os.path.normpath(args.directory)),
+        context_len=min(2048, known) if known else None,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
