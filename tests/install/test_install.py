@@ -242,3 +242,19 @@ def test_a_missing_sibling_fails_at_install_time(
     assert re.search(refused, proc.stderr), show(proc)
     assert "(from versions: 0.10.0)" in proc.stderr, show(proc)
     assert env.our_packages(tmp_path) == {}  # nothing was installed
+
+
+def test_every_sibling_requirement_excludes_the_namesakes():
+    """Version 1.x everywhere, and every requirement of a sibling (extras included) is
+    ``>=1.0,<2``: the registry's 0.x packages of the same names never satisfy one."""
+    for member in MEMBERS:
+        meta = project(member)
+        assert meta["version"].startswith("1."), member
+        requirements = list(meta.get("dependencies", []))
+        for extra in meta.get("optional-dependencies", {}).values():
+            requirements += extra
+        for requirement in requirements:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+            if normal(name) in OURS:
+                specifier = requirement[len(name) :].replace(" ", "")
+                assert specifier == ">=1.0,<2", (member, requirement)

@@ -5,7 +5,7 @@ A sepweight directory holds ``manifest.json``, ``begin.safetensors``, ``mid.NNNN
 """
 
 from .architecture import GROUP, Architecture, architectures, find_architecture
-from .convert import convert
+from .convert import convert, convert_or_reuse
 from .decider import Decider, Placement, gguf_decider, prefix_decider
 from .errors import ConversionError, FormatError, IntegrityError, PartSpecError, SepweightError
 from .loader import PartWeights, files, load, verify
@@ -16,6 +16,6 @@ from .writer import dump
 __all__ = [
     "GROUP", "Architecture", "ConversionError", "Decider", "FormatError", "IntegrityError",
     "Manifest", "PartSpec", "PartSpecError", "PartWeights", "Placement", "SepweightError",
-    "architectures", "convert", "dump", "files", "find_architecture", "gguf_decider", "load",
-    "prefix_decider", "read_manifest", "verify",
+    "architectures", "convert", "convert_or_reuse", "dump", "files", "find_architecture",
+    "gguf_decider", "load", "prefix_decider", "read_manifest", "verify",
 ]  # fmt: skip
