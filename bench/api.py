@@ -9,8 +9,10 @@ Prints, from one run (configurations alternated round by round, medians):
   tokens of a greedy completion that does not stop early), their time to first token (median and
   worst), and the ratio to one client (target: 4 clients >= 2.5x one: shared decode steps);
 - the same B rows decoded by ``llm_sampler.generate`` on one session of this process (the model
-  called directly, no HTTP, no batcher), and the HTTP layer's cost per token:
-  (HTTP wall - direct wall) / tokens per stream (target: at most 1 ms).
+  called directly: no HTTP, no batcher) and HTTP tokens/s as a fraction of that;
+- the same clients against a model that costs nothing (its forward returns fixed logits): what
+  the HTTP layer and the batcher cost per token, in wall time per token of a stream and in the
+  server process's CPU time per token (target: at most 1 ms per token).
 
 The clients run in a child process (the official ``openai`` client, one thread each), so the
 server's process does only the server's work.
@@ -97,11 +99,11 @@ def clients(url: str, model: str, streams: int, tokens: int) -> dict:
 
 
 def client_main(args: argparse.Namespace) -> None:
-    """Answer one JSON line per ``STREAMS`` line read on stdin (the parent's rounds)."""
-    clients(args.client, args.model, 1, 2)  # warm the client library and connections
+    """Answer one JSON line per ``URL MODEL STREAMS`` line read on stdin (the parent's rounds)."""
     print("ready", flush=True)
     for line in sys.stdin:
-        result = clients(args.client, args.model, int(line), args.tokens)
+        url, model, streams = line.split()
+        result = clients(url, model, int(streams), args.tokens)
         print(json.dumps(result), flush=True)
 
 
@@ -121,6 +123,32 @@ def direct(model, tokenizer, streams: int, tokens: int) -> float:
     return time.perf_counter() - start
 
 
+class InstantModel:
+    """A session source whose forward costs nothing: always the same (non-stop) next token.
+    Serving it measures what the HTTP layer and the batcher cost per token."""
+
+    def __init__(self, vocab: int, token: int) -> None:
+        import torch
+
+        self.logits = torch.zeros(8, 1, vocab)
+        self.logits[..., token] = 1.0
+
+    def session(self, batch_size: int, max_len: int) -> InstantModel:
+        return self
+
+    def __call__(self, ids, mask):
+        return self.logits[: ids.shape[0]].expand(ids.shape[0], ids.shape[1], -1)
+
+    def keep_rows(self, rows) -> None:
+        pass
+
+    def join(self, other) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", help="SmolLM2 sepweight directory (default: convert the GGUF)")
@@ -129,7 +157,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)
@@ -145,53 +172,71 @@ def main() -> None:
     directory = smollm2_dir(args.dir)
     model = LocalModel(directory, device=args.device)
     tokenizer = Tokenizer.from_dir(directory)
-    app = create_app(model, model_name="smollm2", context_len=256, max_concurrency=8,
-                     idle_close_s=30)  # fmt: skip
-    with ApiServer(app) as server:
+    apps = {
+        "smollm2": create_app(model, model_name="smollm2", context_len=256, max_concurrency=8,
+                              idle_close_s=30),
+        "instant": create_app(InstantModel(tokenizer.vocab_size, tokenizer.encode(" a")[0]),
+                              tokenizer, model_name="instant", context_len=256,
+                              max_concurrency=8),
+    }  # fmt: skip
+    results: dict[tuple[str, int], list[dict]] = {}
+    walls: dict[int, list[float]] = {b: [] for b in CONCURRENCY}
+    with ApiServer(apps["smollm2"]) as server, ApiServer(apps["instant"]) as instant:
+        urls = {"smollm2": server.url, "instant": instant.url}
         child = subprocess.Popen(
-            [sys.executable, __file__, "--client", server.url, "--model", "smollm2",
-             "--tokens", str(args.tokens)],
+            [sys.executable, __file__, "--client", "yes", "--tokens", str(args.tokens)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert child.stdout.readline().strip() == "ready"
-        http: dict[int, list[dict]] = {b: [] for b in CONCURRENCY}
-        walls: dict[int, list[float]] = {b: [] for b in CONCURRENCY}
+
+        def ask(name: str, streams: int) -> dict:
+            cpu = time.process_time()
+            child.stdin.write(f"{urls[name]} {name} {streams}\n")
+            child.stdin.flush()
+            result = json.loads(child.stdout.readline())
+            return {**result, "server_cpu": time.process_time() - cpu}
+
         direct(model, tokenizer, 1, 4)  # warm up
+        ask("smollm2", 1)
+        ask("instant", 1)
         for _ in range(args.rounds):
             for b in CONCURRENCY:
                 walls[b].append(direct(model, tokenizer, b, args.tokens))
-                child.stdin.write(f"{b}\n")
-                child.stdin.flush()
-                http[b].append(json.loads(child.stdout.readline()))
+                for name in apps:
+                    results.setdefault((name, b), []).append(ask(name, b))
         child.stdin.close()
         child.wait()
     model.close()
-    report(http, walls, args)
+    report(results, walls, args)
 
 
-def report(http: dict[int, list[dict]], walls: dict[int, list[float]], args) -> None:
+def report(results: dict, walls: dict[int, list[float]], args) -> None:
     import torch
 
+    med = statistics.median
     print(f"SmolLM2-135M, {args.tokens} tokens per stream, {args.rounds} rounds (medians), "
           f"torch threads {torch.get_num_threads()}, device {args.device or 'cpu'}")  # fmt: skip
     print(f"{'clients':>7} {'HTTP tok/s':>10} {'x one':>6} {'TTFT med':>9} {'TTFT max':>9} "
-          f"{'direct tok/s':>12} {'HTTP ms/token':>13}")  # fmt: skip
+          f"{'direct tok/s':>12} {'HTTP/direct':>11}")  # fmt: skip
     base = None
     for b in CONCURRENCY:
-        runs = http[b]
-        rate = statistics.median(r["tokens"] / r["wall"] for r in runs)
+        runs = results["smollm2", b]
+        rate = med(r["tokens"] / r["wall"] for r in runs)
         base = base or rate
         ttft = [t for r in runs for t in r["ttft"]]
-        wall = statistics.median(r["wall"] for r in runs)
-        direct_wall = statistics.median(walls[b])
-        direct_rate = b * args.tokens / direct_wall
-        extra = (wall - direct_wall) / args.tokens * 1e3  # per token of each stream
-        print(f"{b:>7} {rate:>10.1f} {rate / base:>6.2f} {statistics.median(ttft) * 1e3:>7.0f}ms "
-              f"{max(ttft) * 1e3:>7.0f}ms {direct_rate:>12.1f} {extra:>+12.2f}")  # fmt: skip
-    print(
-        "targets: 4 clients >= 2.5x one; HTTP ms/token (HTTP wall - direct wall, per token of "
-        "a stream) <= 1"
-    )
+        direct_rate = b * args.tokens / med(walls[b])
+        ttft_med, ttft_max = med(ttft) * 1e3, max(ttft) * 1e3
+        print(f"{b:>7} {rate:>10.1f} {rate / base:>6.2f} {ttft_med:>7.0f}ms {ttft_max:>7.0f}ms "
+              f"{direct_rate:>12.1f} {rate / direct_rate:>11.2f}")  # fmt: skip
+    print("\nthe HTTP layer + batcher alone (a model that costs nothing):")
+    print(f"{'clients':>7} {'tok/s':>8} {'ms/token/stream':>15} {'server CPU ms/token':>19}")
+    for b in CONCURRENCY:
+        runs = results["instant", b]
+        rate = med(r["tokens"] / r["wall"] for r in runs)
+        per_stream = med(r["wall"] / (r["tokens"] / b) for r in runs) * 1e3
+        cpu = med(r["server_cpu"] / r["tokens"] for r in runs) * 1e3
+        print(f"{b:>7} {rate:>8.0f} {per_stream:>15.3f} {cpu:>19.3f}")
+    print("targets: 4 clients >= 2.5x one; the HTTP layer adds <= 1 ms per token")
 
 
 if __name__ == "__main__":
