@@ -109,7 +109,9 @@ def converted_model(cache_dir: Path) -> Path:
     out = Path(cache_dir) / MODEL_NAME
     _say(f"model: {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB GGUF) -> sepweight in {out}")
     start = time.perf_counter()
-    manifest, written = convert_or_reuse(gguf, out, progress=sys.stderr.isatty())
+    manifest, written = convert_or_reuse(  # float32: what the 4-bit GGUF dequantizes to
+        gguf, out, dtype="float32", progress=sys.stderr.isatty()
+    )
     summary = (f"{manifest.num_layers} layers, {manifest.dtype}, "
                f"{manifest.weight_bytes / 2**20:.0f} MiB of weights")  # fmt: skip
     if written:
