@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve()
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 LAUNCH_TIMEOUT = 240.0
 FAULT_TIMEOUT = 20.0  # the ranks' --timeout in the fault tests
+CALLS_TIMEOUT = 6.0  # in the calls scenario, which idles past it once
 
 
 # ---- the header protocol (no processes) -----------------------------------------------------
@@ -247,21 +248,26 @@ def _fake_main(mode: str) -> None:
     from llm_partial_run.errors import NodeError
     from llm_partial_run.local import LocalLink, part_info
 
-    groups = init_ranks("cpu", timeout=FAULT_TIMEOUT)
+    groups = init_ranks("cpu", timeout=CALLS_TIMEOUT if mode == "calls" else FAULT_TIMEOUT)
     link = LocalLink(FakePart(groups.rank), info=part_info(FakePart(groups.rank), arch="fake"),
                      name=f"rank {groups.rank}")  # fmt: skip
+
+    def fail_now(exc: NodeError) -> None:  # the heartbeat found a rank gone (as launch does)
+        print(f"error {exc}", file=sys.stderr, flush=True)
+        os._exit(3)
+
     try:
         if groups.rank > 0:
             print("serving", flush=True)
             serve_rank(link, groups)
             print("stopped", flush=True)
         else:
-            with Cluster(groups) as cluster:
-                scenario = {"calls": _scenario_calls, "kill": _scenario_kill}[mode]
+            with Cluster(groups, on_failure=fail_now) as cluster:
+                scenario = {"calls": _scenario_calls, "kill": _scenario_kill,
+                            "idle": _scenario_idle}[mode]  # fmt: skip
                 print("result " + json.dumps(scenario(link, cluster)), flush=True)
     except NodeError as exc:
-        print(f"error {exc}", file=sys.stderr, flush=True)
-        os._exit(3)
+        fail_now(exc)
     close_ranks()
 
 
@@ -314,8 +320,25 @@ def _scenario_calls(local, cluster) -> dict:
     row_offset = torch.tensor([0.0, 100.0])[:, None, None]  # FakeCache's
     found["big"] = torch.equal(out, (big * 2 + row_offset) * big_mask[..., None])
     rank1.close_session("big")
+    with pipeline.session(batch_size=1, max_len=8) as session:
+        session(torch.tensor([[1]]))
+        time.sleep(2 * CALLS_TIMEOUT)  # idle past the ranks' timeout: the heartbeat keeps them
+        found["after_idle"] = session(torch.tensor([[2]])).tolist()
     found["sessions_left"] = [link.stats()["sessions"] for link in [local]]
     return found
+
+
+def _scenario_idle(local, cluster) -> dict:
+    """A few steps, then rank 0 idles (as an API server between requests) until killed."""
+    from llm_partial_run.session import Pipeline
+
+    with Pipeline([local, *cluster.links]).session(batch_size=1, max_len=8) as session:
+        for step in range(4):
+            session(torch.tensor([[1]]), None)
+            print(f"step {step}", flush=True)
+    print("idle", flush=True)
+    while True:
+        time.sleep(1)  # idle: only the heartbeat talks to the ranks
 
 
 def _scenario_kill(local, cluster) -> dict:
@@ -379,12 +402,15 @@ def test_a_failing_call_comes_back_as_an_error_and_the_rank_goes_on(fake_calls):
     assert found["bf16"] == "torch.bfloat16"
     assert found["big"]
     assert found["sessions_left"] == [0]
+    assert found["after_idle"] == _expected([[2]], [[1]], 1, [0])
     assert [code for code, _, _ in exits] == [0, 0, 0], exits
     assert all("stopped" in out for _, out, _ in exits[1:])
 
 
-def _assert_all_end_naming(ranks: Ranks, victim: int, stream_name: str = "stdout") -> None:
-    ranks.wait_line(0, "step 3", stream_name=stream_name)
+def _assert_all_end_naming(
+    ranks: Ranks, victim: int, stream_name: str = "stdout", after: str = "step 3"
+) -> None:
+    ranks.wait_line(0, after, stream_name=stream_name)
     killed_at = time.monotonic()
     ranks.procs[victim].send_signal(signal.SIGKILL)
     exits = ranks.finish(timeout=FAULT_TIMEOUT + 30)
@@ -398,11 +424,11 @@ def _assert_all_end_naming(ranks: Ranks, victim: int, stream_name: str = "stdout
         assert f"rank {victim}" in stderr, stderr
 
 
-@pytest.mark.parametrize("victim", [2, 0])
-def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim):
-    ranks = Ranks.start(3, "fake", "kill")
-    try:
-        _assert_all_end_naming(ranks, victim)
+@pytest.mark.parametrize("victim, mode", [(2, "kill"), (0, "kill"), (2, "idle")])
+def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim, mode):
+    ranks = Ranks.start(3, "fake", mode)
+    try:  # idle: killed once rank 0 waits between requests; only the heartbeat can notice
+        _assert_all_end_naming(ranks, victim, after="idle" if mode == "idle" else "step 3")
     finally:
         ranks.kill_all()
 

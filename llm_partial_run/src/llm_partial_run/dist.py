@@ -395,7 +395,8 @@ class RankLink:
         self._read = 0  # replies read
         self._numbers: dict[str, int] = {}
         self._next_number = 1
-        self._failed: NodeError | None = None
+        self._failed: NodeError | None = None  # the transport broke
+        self._stopped: NodeError | None = None  # rank 0 sent STOP or ABORT
         self.last_used = time.monotonic()
         self._info: PartInfo | None = None
 
@@ -479,7 +480,7 @@ class RankLink:
     def stop(self, kind: Kind = Kind.STOP, failed_rank: int = 0, reason: str = "") -> None:
         """Tell the rank to stop (``STOP``) or to exit with an error naming ``failed_rank``
         (``ABORT``); no reply. Best effort: a rank already gone is ignored."""
-        if self._failed is not None:
+        if self._failed is not None or self._stopped is not None:
             return
         header = Header(kind, a=failed_rank)
         try:
@@ -488,7 +489,7 @@ class RankLink:
             self._wire.wait(works, min(self._wire.groups.timeout, 10.0))
         except RuntimeError as exc:
             log.debug("%s: %s not delivered: %s", self.name, kind.name, exc)
-        self._failed = NodeError(self.name, "stopped")
+        self._stopped = NodeError(self.name, f"stopped by rank 0 ({kind.name})")
 
     def _number(self, session_id: str) -> int:
         number = self._numbers.get(session_id)
@@ -500,8 +501,8 @@ class RankLink:
               *, payload: bytes = b"", **fields: Any) -> PendingCall:  # fmt: skip
         header, tensors = _described(kind, x, mask, **fields)
         with self._send_lock:
-            if self._failed is not None:
-                raise self._failed
+            if self._failed is not None or self._stopped is not None:
+                raise self._failed or self._stopped
             try:
                 works = self._wire.send(header, payload, tensors)
             except RuntimeError as exc:
@@ -596,9 +597,10 @@ class Cluster:
     and the end: :meth:`close` stops every rank; :meth:`abort` makes them exit with an error.
 
     Used as a context manager, an exception that leaves the block aborts the other ranks with
-    it (naming the rank that failed, for a :class:`NodeError` from a link). ``on_failure`` is
-    called (from the heartbeat thread) when a ping finds a rank gone; by default the other
-    ranks are aborted and the error is logged.
+    it (naming the rank that failed, for a :class:`NodeError` from a link). The heartbeat
+    aborts the cluster when a ping finds a rank gone or a link has failed (even in a call whose
+    error was swallowed above) and then calls ``on_failure`` from its thread (the launcher
+    exits there: a server waiting for requests would not notice otherwise).
     """
 
     def __init__(
@@ -613,29 +615,40 @@ class Cluster:
         self.period = groups.timeout / 3 if heartbeat is None else heartbeat
         self.on_failure = on_failure
         self._stop = threading.Event()
+        self._once = threading.Lock()
+        self._aborted = False
         self._thread = threading.Thread(target=self._beat, name="rank-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.period / 2):
             for link in self.links:
-                idle = time.monotonic() - link.last_used
-                if link.failed is not None or link.busy or idle < self.period:
-                    continue
-                try:
-                    link.ping()
-                except NodeError as exc:
-                    if self._stop.is_set():
-                        return
-                    self.abort(exc)
+                # a link may have failed in a call whose error a caller swallowed (a session
+                # closing quietly): the cluster is broken all the same
+                error = link.failed
+                if (
+                    error is None
+                    and not link.busy
+                    and time.monotonic() - link.last_used >= self.period
+                ):
+                    try:
+                        link.ping()
+                    except NodeError as exc:
+                        error = exc
+                    except SessionError:  # a worker refusing a ping: it is alive
+                        pass
+                if error is not None and not self._stop.is_set():
+                    self.abort(error)
                     if self.on_failure is not None:
-                        self.on_failure(exc)
+                        self.on_failure(error)
                     return
-                except SessionError:  # a worker refusing a ping: it is alive
-                    continue
 
     def abort(self, error: BaseException) -> None:
-        """Make every other live rank exit with ``error`` (naming the rank that failed)."""
+        """Make every other live rank exit with ``error`` (naming the rank that failed); once."""
+        with self._once:
+            if self._aborted:
+                return
+            self._aborted = True
         self._stop.set()
         failed = 0
         if isinstance(error, NodeError) and error.node.startswith("rank "):
