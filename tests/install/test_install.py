@@ -7,8 +7,9 @@ never be picked) and no editable install; then the README's first Python example
 environment, from a scratch folder.
 
 An example that uses ``smollm2-sw`` (SmolLM2-135M-Instruct converted to float32 sepweight, with
-its tokenizer) finds it in its working folder: converted once per session by this repository's
-llm_sepweight, linked in file by file. One that converts into it itself finds it up to date.
+its tokenizer) finds it in its working folder: the session's ``smollm2_sepweight`` (converted once
+by this repository's llm_sepweight, as the READMEs do), linked in file by file. One that converts
+into it itself finds it up to date.
 
 torch and the other third-party packages are not installed per environment (torch alone is
 gigabytes): the development environment's copies are exposed to each fresh one through a folder
@@ -115,16 +116,6 @@ def sources(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def smollm2_sw(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 as the READMEs convert it: ``convert(gguf, "smollm2-sw", dtype="float32")``."""
-    from llm_sepweight import convert
-
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-sw"
-    convert(smollm2_gguf, out, dtype="float32")
-    return out
-
-
 class FreshEnv:
     """A new virtual environment (no pip of its own) that sees the third-party folder."""
 
@@ -192,7 +183,7 @@ def test_installs_alone_and_runs_its_readme_example(
         example = f"import {member}\nfor name in getattr({member}, '__all__', []):\n"
         example += f"    getattr({member}, name)\n"
     if "smollm2-sw" in example:  # hard links: the example's own writes replace, never modify
-        model = request.getfixturevalue("smollm2_sw")
+        model = request.getfixturevalue("smollm2_sepweight")  # tests/conftest.py, float32
         shutil.copytree(model, scratch / "smollm2-sw", copy_function=os.link)
     (scratch / "readme_example.py").write_text(example)
     proc = env.run(["readme_example.py"], cwd=scratch)
