@@ -48,6 +48,17 @@ def test_streamed_layers_generate_the_same_tokens(tiny):
     assert batch == hf_tokens(tiny.hf, PROMPTS)
 
 
+@pytest.mark.cuda
+def test_parts_on_a_gpu_generate_the_same_tokens(tiny_llama):
+    model = LocalModel(tiny_llama.directory, tiny_llama.specs, devices=["cuda", "cpu", "cuda"])
+    with model.session(batch_size=len(PROMPTS), max_len=32) as session:
+        logits = session(torch.tensor([[5, 9, 2]]))
+        assert logits.device.type == "cpu"  # back where the ids were
+    with model.session(batch_size=len(PROMPTS), max_len=32) as session:
+        batch = llm_sampler.generate(session, PROMPTS, max_new_tokens=8, cached=True)
+    assert batch == hf_tokens(tiny_llama.hf, PROMPTS)
+
+
 def test_whole_model_in_one_part_and_timing_stats(tiny_llama):
     model = LocalModel(tiny_llama.directory)  # "f"
     assert [info.spec for info in model.infos] == ["b 0-6 e"]

@@ -74,9 +74,9 @@ class Session:
 
     ``session(ids, mask=None)`` runs one step: ``ids`` ``LongTensor[B, T]`` (``B <= batch_size``)
     and the ``[B, T]`` padding mask (True on real tokens) go through every part in order; returns
-    float32 logits ``[B, T, V]``. With ``cached=False`` every call starts from an empty cache
-    (each call opens a fresh session of the call's shape), so the session is a stateless
-    forward function, as ``llm_sampler.score_continuations`` needs.
+    float32 logits ``[B, T, V]`` on the ids' device. With ``cached=False`` every call starts
+    from an empty cache (each call opens a fresh session of the call's shape), so the session
+    is a stateless forward function, as ``llm_sampler.score_continuations`` needs.
 
     Made by :meth:`Pipeline.session`; ``stats`` holds the timing of every step.
     """
@@ -126,6 +126,8 @@ class Session:
             x, compute = self._forward(i, x, mask)
             wall = time.perf_counter() - called
             timings.append(LinkTiming(self.links[i].name, compute, max(0.0, wall - compute)))
+        if x.device != ids.device:  # logits come back where the ids were (e.g. parts on a GPU)
+            x = x.to(ids.device)
         wall = time.perf_counter() - start
         self.stats.append(StepStats(self.step, int(ids.shape[1]), wall, tuple(timings)))
         self.step += 1
