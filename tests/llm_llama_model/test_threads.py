@@ -1,7 +1,7 @@
 """Decoding on several CPU threads: each matrix product cut into blocks, one per thread.
 
 The other tests of this package run on one thread (see conftest), where nothing is cut; these
-set the thread count themselves.
+set the thread count themselves. The block product itself is tested in tests/llm_slice_core.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_slice_core import SPLIT_MAX_ROWS, thread_splits
-from llm_slice_core import product as _product
+from llm_slice_core import thread_splits
 
 _spec = importlib.util.spec_from_file_location(
     "_parity", Path(__file__).with_name("test_parity.py")
@@ -30,45 +29,6 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("splits", [2, 3, 4, 7])
-@pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize(
-    ("k", "m", "layout"),
-    [
-        (48, 40, "contiguous"),  # narrow: row blocks
-        (48, 40, "transposed"),  # the transposed view o_proj and down_proj are used through
-        (48, 40, "strided"),  # neither (e.g. a weight a user assigned): still a view
-        (50, 36, "contiguous"),  # 50 rows: 7 and 4 threads fall back to 5 and 2 blocks
-        (8, 96, "contiguous"),  # wide (at least 8 times as many columns as rows): column blocks
-        (8, 100, "contiguous"),  # 100 columns: 3 and 7 threads fall back to 2 and 5 blocks
-    ],
-)
-def test_product_in_blocks_equals_the_matrix_product(k, m, layout, rows, splits):
-    gen = torch.Generator().manual_seed(k * m + rows)
-    if layout == "strided":
-        w = torch.randn(k, 2 * m, generator=gen)[:, ::2]
-    elif layout == "transposed":
-        w = torch.randn(m, k, generator=gen).t()
-    else:
-        w = torch.randn(k, m, generator=gen)
-    x = torch.randn(rows, k, generator=gen)
-    expected = x @ w
-    got = _product(x, w, splits)
-    assert got.shape == (rows, m)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(_product(x, w, 1), expected)
-
-
-@pytest.mark.parametrize("threads", [3], indirect=True)
-def test_only_small_float_cpu_products_are_cut(threads):
-    cpu = torch.device("cpu")
-    assert thread_splits(1, cpu, torch.float32) == 3
-    assert thread_splits(SPLIT_MAX_ROWS, cpu, torch.float64) == 3
-    assert thread_splits(SPLIT_MAX_ROWS + 1, cpu, torch.float32) == 1  # prefill
-    assert thread_splits(1, cpu, torch.bfloat16) == 1
-    assert thread_splits(1, torch.device("cuda"), torch.float32) == 1
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
@@ -88,24 +48,6 @@ def test_unpacked_parts_on_several_threads_equal_transformers(threads, tmp_path)
     parts = _parity.split(model, tmp_path, pack=False)
     assert not any(layer.self_attn.qkv.packed for part in parts for layer in part.layers)
     _parity.assert_prefill_and_decode_equal(model, parts)
-
-
-def test_the_compiled_graphs_operator_is_the_same_product():
-    """Under torch.compile the blocks run as the custom op llm_slice_core::product_in_blocks
-    (inductor would otherwise lower the batched product into a slower loop of its own); it has
-    a gradient, so a compiled part also trains."""
-    gen = torch.Generator().manual_seed(5)
-    for w in (torch.randn(48, 40, generator=gen), torch.randn(40, 48, generator=gen).t()):
-        x = torch.randn(2, 48, generator=gen)
-        got = torch.ops.llm_slice_core.product_in_blocks(x, w, 3)
-        torch.testing.assert_close(got, x @ w, atol=1e-5, rtol=1e-5)
-        torch.library.opcheck(torch.ops.llm_slice_core.product_in_blocks, (x, w, 3))
-    x = torch.randn(3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
-    w = torch.randn(16, 10, dtype=torch.float64, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.llm_slice_core.product_in_blocks, (x, w, 4))
-    assert torch.autograd.gradcheck(
-        lambda a, b: torch.ops.llm_slice_core.product_in_blocks(a, b, 4), (x, w)
-    )
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
