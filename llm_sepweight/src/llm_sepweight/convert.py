@@ -170,7 +170,7 @@ def _refused(name: str, src: str, arch: str | None, exc: ValueError) -> Conversi
 
 
 def _architecture(
-    source: Source, config: Mapping[str, Any], arch: str | None, what: str
+    source: Source, config: Mapping[str, Any], arch: str | None, src: str
 ) -> Architecture | None:
     if source.kind == "old-pth":
         return None  # its files already say where each tensor goes; ``arch`` only labels it
@@ -186,10 +186,10 @@ def _architecture(
     model_type = config.get("model_type")
     if model_type is None:
         known = ", ".join(sorted(a.name for a in architectures())) or "none"
-        what = f"cannot tell the architecture of {what}: it has no config.json with a 'model_type'"
+        problem = f"cannot tell the architecture of {src}: no config.json with a 'model_type'"
         raise ConversionError(
-            f"{what}; pass arch= (installed: {known}), config= or an explicit decider",
-            cli_message=f"{what}; name it with --arch (installed: {known})",
+            f"{problem}; pass arch= (installed: {known}), config= or an explicit decider",
+            cli_message=f"{problem}; name it with --arch (installed: {known})",
         )
     return find_architecture(model_type=model_type)
 
