@@ -32,9 +32,16 @@ READY = re.compile(r"^node (\d) ready: part '([^']+)' at (\S+) \(pid (\d+)\)$")
 def cache_dir(smollm2_sepweight: Path, tmp_path: Path) -> Path:
     """A demo cache directory whose model is the session's converted SmolLM2 (up to date)."""
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / MODEL_NAME).symlink_to(smollm2_sepweight, target_is_directory=True)
+    linked_files(smollm2_sepweight, cache / MODEL_NAME)
     return cache
+
+
+def linked_files(source: Path, target: Path) -> None:
+    """``target``: a folder of links to each file of ``source`` (a conversion that found it out
+    of date would replace the links, never write into the shared converted model)."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).symlink_to(path)
 
 
 def _demo(cache_dir: Path, *args: str) -> subprocess.Popen:
