@@ -332,6 +332,37 @@ def test_cli_serves_a_local_model(smollm2_sepweight: Path, tmp_path: Path) -> No
     assert '"POST /v1/completions HTTP/1.1" 200 prompt=' in err  # the access log
 
 
+def test_streamed_model_shares_steps(smollm2_sepweight: Path, local, tok) -> None:
+    """A model streaming its layers (at most 4 resident): two concurrent requests share each
+    weight pass and each gets its text alone."""
+    messages = [[{"role": "user", "content": q}] for q in QUESTIONS[:2]]
+    alone = [tok.decode(reference(local, chat_ids(tok, m), 8)) for m in messages]
+    model = LocalModel(smollm2_sepweight, resident_layers=4)
+    try:
+        app = create_app(model, model_name=NAME, context_len=CONTEXT, max_concurrency=2,
+                         idle_close_s=0)  # fmt: skip
+        with ApiServer(app) as server:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+            got: list[str | None] = [None, None]
+
+            def ask(i: int) -> None:
+                request = {"messages": messages[i], "temperature": 0, "max_tokens": 8}
+                stream = c.chat.completions.create(model=NAME, stream=True, **request)
+                got[i] = streamed(stream)[0]
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            assert got == alone
+            assert app.state.model.batcher.wait_idle(30)
+            assert app.state.model.batcher.stats()["steps"] < 2 * 8
+            assert model.links[0].stats()["sessions"] == 0
+    finally:
+        model.close()
+
+
 # ---- two nodes ---------------------------------------------------------------------------------
 
 
@@ -375,6 +406,9 @@ class FakeSession:
 
     def __call__(self, ids, mask):
         self.source.gate.wait(10)
+        self.source.calls += 1
+        if self.source.fail_at == self.source.calls:
+            raise RuntimeError("node 127.0.0.1:1 died")
         self.rows = max(self.rows, ids.shape[0])
         return torch.nn.functional.one_hot((ids + 1) % 50, 50).float() * 5
 
@@ -396,6 +430,7 @@ class FakeSource:
         self.log: list = []
         self.sessions: list[FakeSession] = []
         self.gate = threading.Event()
+        self.calls, self.fail_at = 0, None
 
     def session(self, batch: int, max_len: int) -> FakeSession:
         self.sessions.append(FakeSession(self, batch, max_len))
@@ -444,3 +479,20 @@ def test_row_stop_strings_hold_back_text(tok) -> None:
             reason = event.finish_reason
             break
     assert "".join(out) == "Hello world, it is " and reason == "stop"
+
+
+def test_a_failing_model_gives_server_errors_and_the_server_goes_on(tok) -> None:
+    source = FakeSource()
+    source.gate.set()
+    app = create_app(source, tok, model_name="fake", context_len=64, max_concurrency=2)
+    with ApiServer(app) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+        source.fail_at = source.calls + 3  # the prefill and one step work, then the model fails
+        with pytest.raises(openai.InternalServerError, match="died"):
+            c.completions.create(model="fake", prompt=[20], max_tokens=10)
+        source.fail_at = source.calls + 3
+        with pytest.raises(openai.APIError, match="died"):
+            streamed(c.completions.create(model="fake", prompt=[20], max_tokens=10, stream=True))
+        reply = c.completions.create(model="fake", prompt=[20], max_tokens=4)
+        assert reply.choices[0].text == tok.decode([21, 22, 23, 24])
+        assert app.state.model.batcher.wait_idle(10)  # rows left, the batch session closed

@@ -197,7 +197,9 @@ async def _generate(
         return _EventStream(reply.chunks(include_usage), job)
     try:
         result = await _unless_disconnected(request, reply.collect(), job)
-    except PartialRunError as exc:
+    except ApiError:
+        raise
+    except Exception as exc:  # the model failed (a node died, ...): the job's error event
         raise ApiError(500, f"generation failed: {exc}", type="server_error") from exc
     return _json(result)
 
@@ -256,7 +258,7 @@ class _Reply:
             async for event in self.events_until_done():
                 if event.text or event.finish_reason:
                     yield _sse({**self._head(kind), "choices": [self._delta(event)]})
-        except PartialRunError as exc:
+        except Exception as exc:  # the model failed: the client's stream raises APIError
             error = ApiError(500, f"generation failed: {exc}", type="server_error")
             yield _sse(error.body())
             yield b"data: [DONE]\n\n"
