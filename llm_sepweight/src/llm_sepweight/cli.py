@@ -102,8 +102,8 @@ def _convert(args: argparse.Namespace) -> None:
     if written:
         print(f"wrote {args.out}: {_summary(m)}")
     else:
-        print(f"up to date: {args.out} ({_summary(m)}) was converted from this unchanged source "
-              "with these options; --force converts again")  # fmt: skip
+        print(f"up to date: {args.out} ({_summary(m)}); the source and the options are "
+              "unchanged, --force converts again")  # fmt: skip
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -154,5 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         return _fail(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
-        return _fail("interrupted (a conversion resumes where it stopped when run again)", 130)
+        resumes = " (run it again: the conversion resumes where it stopped)"
+        return _fail("interrupted" + (resumes if args.command == "convert" else ""), 130)
     return 0
