@@ -100,6 +100,12 @@ def test_copies_of_a_model_under_other_names_chain():
     assert [x.name for x in chain(a, c).links] == ["n0", "n2"]
 
 
+def test_a_node_listed_twice_is_not_its_own_spare():
+    a, b = FakeLink("n0", "b 0-3"), FakeLink("n1", "3-6 e")
+    with pytest.raises(ChainError, match="node n1 is listed twice"):
+        chain(a, b, spares=(b,))
+
+
 def test_no_parts_and_a_bad_spec():
     with pytest.raises(ChainError, match="no parts given"):
         chain()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import llm_sampler
-from llm_partial_run.errors import NodeError, SessionError
+from llm_partial_run.errors import ChainError, NodeError, SessionError
 from llm_partial_run.node import Node
 from llm_partial_run.remote import RemoteLink
 from llm_partial_run.session import LocalModel, Pipeline
@@ -58,6 +58,17 @@ def test_three_nodes_generate_what_transformers_and_local_generate(tiny, shared_
         assert batch == generate(session, PROMPTS)
     assert batch == hf_generate(tiny.hf, PROMPTS)
     assert alone == hf_generate(tiny.hf, PROMPTS[2:]) == batch[2:]
+
+
+def test_real_nodes_that_do_not_chain_are_refused(tiny_llama, tiny_falcon, shared_nodes):
+    llama = shared_nodes(tiny_llama.directory, tiny_llama.specs)
+    falcon = shared_nodes(tiny_falcon.directory, tiny_falcon.specs)
+    with pytest.raises(ChainError, match=f"node {falcon[1]} serves architecture 'falcon'"):
+        Pipeline([llama[0], falcon[1], falcon[2]])
+    with pytest.raises(ChainError, match=f"gap: no node holds layers 2-4 .* node {llama[2]}"):
+        Pipeline([llama[0], llama[2]])
+    with pytest.raises(ChainError, match=f"node {llama[0]} is listed twice"):
+        Pipeline([llama[0], llama[1], llama[2]], spares=[llama[0]])
 
 
 @pytest.mark.slow
