@@ -97,6 +97,12 @@ def test_arch_mismatch_raised_inside_a_model_package(sw, checkpoints, falcon_che
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
+def test_arch_mismatch_on_a_gguf_file(sw, tiny_gguf, tmp_path):
+    """The Llama package's config_from_gguf refuses a GGUF of another architecture."""
+    line = sw.cli_error("convert", tiny_gguf, tmp_path / "o", "--arch", "llama")
+    assert "the 'llama' model package cannot convert" in line and "--arch llama" in line
+
+
 def test_the_python_api_raises_a_conversion_error_naming_the_package(checkpoints, tmp_path):
     from llm_sepweight import ConversionError, convert
 
