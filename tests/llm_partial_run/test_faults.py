@@ -23,9 +23,9 @@ STEPS = 10
 
 
 @pytest.fixture
-def begin_node(tiny_llama, shared_nodes):
-    """A node holding 'b 0-3' that stays up (shared); the tests kill the nodes after it."""
-    return shared_nodes(tiny_llama.directory, ("b 0-3",))[0]
+def front(tiny_llama, shared_nodes):
+    """Nodes holding 'b 0-2' and '2-4' that stay up (shared); the tests kill the end's nodes."""
+    return shared_nodes(tiny_llama.directory, tiny_llama.specs)[:2]
 
 
 def undisturbed(tiny_llama):
@@ -44,9 +44,9 @@ def run_until(session, kill_at: int, kill) -> list[list[int]]:
     return [list(row) for row in zip(*tokens, strict=True)]
 
 
-def test_killed_node_raises_naming_it_within_the_timeout(tiny_llama, begin_node, node_process):
-    victim = node_process(tiny_llama.directory, "3-6 e")
-    with Pipeline([begin_node, victim.address], timeout=5) as pipeline:
+def test_killed_node_raises_naming_it_within_the_timeout(tiny_llama, front, node_process):
+    victim = node_process(tiny_llama.directory, "4-6 e")
+    with Pipeline([*front, victim.address], timeout=5) as pipeline:
         session = pipeline.session(len(PROMPTS), 32)
         start = time.monotonic()
         with pytest.raises(NodeError, match=f"node {victim.address}: forward failed") as info:
@@ -56,10 +56,10 @@ def test_killed_node_raises_naming_it_within_the_timeout(tiny_llama, begin_node,
         session.close()  # the dead node's close is logged, not raised
 
 
-def test_hung_node_raises_naming_it_within_the_timeout(tiny_llama, begin_node, node_process):
-    victim = node_process(tiny_llama.directory, "3-6 e")
+def test_hung_node_raises_naming_it_within_the_timeout(tiny_llama, front, node_process):
+    victim = node_process(tiny_llama.directory, "4-6 e")
     try:
-        with Pipeline([begin_node, victim.address], timeout=1.5) as pipeline:
+        with Pipeline([*front, victim.address], timeout=1.5) as pipeline:
             session = pipeline.session(1, 32)
             session(torch.tensor([[5, 9, 2]]))
             os.kill(victim.proc.pid, signal.SIGSTOP)
@@ -72,16 +72,16 @@ def test_hung_node_raises_naming_it_within_the_timeout(tiny_llama, begin_node, n
 
 
 @pytest.mark.parametrize("listed", ["twice", "spares="])
-def test_a_spare_takes_over_with_the_same_tokens(tiny_llama, begin_node, node_process, listed):
+def test_a_spare_takes_over_with_the_same_tokens(tiny_llama, front, node_process, listed):
     """The lost part takes hidden states: the spare's cache is rebuilt from the recorded ones
     (a left-padded batch, so the masks are replayed too)."""
-    first = node_process(tiny_llama.directory, "3-6 e")
-    spare = node_process(tiny_llama.directory, "3-6 e")
+    first = node_process(tiny_llama.directory, "4-6 e")
+    spare = node_process(tiny_llama.directory, "4-6 e")
     if listed == "twice":
-        pipeline = Pipeline([begin_node, first.address, spare.address], timeout=5)
+        pipeline = Pipeline([*front, first.address, spare.address], timeout=5)
     else:
-        pipeline = Pipeline([begin_node, first.address], spares=[spare.address], timeout=5)
+        pipeline = Pipeline([*front, first.address], spares=[spare.address], timeout=5)
     with pipeline, pipeline.session(len(PROMPTS), 32) as session:
         tokens = run_until(session, 4, lambda: os.kill(first.proc.pid, signal.SIGKILL))
-        assert [link.name for link in session.links] == [begin_node, spare.address]
+        assert [link.name for link in session.links] == [*front, spare.address]
     assert tokens == undisturbed(tiny_llama)
