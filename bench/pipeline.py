@@ -162,7 +162,7 @@ def main() -> None:
 def report(runs, one, two, args) -> None:
     print(f"SmolLM2-135M decode, batch 1, {args.tokens} tokens x {args.rounds} rounds, "
           f"{args.threads} torch thread(s) per process, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     base = statistics.median(r[0] for r in runs["in-process"])
     for name, rows in runs.items():
         wall, compute, transfer, client = (statistics.median(r[i] for r in rows) for i in range(4))
