@@ -62,8 +62,7 @@ def part_from_state_dict(
     ``ln_f.*``, ``lm_head.weight``; every key the part needs must be there, and no other. With
     tied embeddings a part holding begin and end uses the embedding as its head.
     """
-    state = {k: _place(v, device, dtype) for k, v in state_dict.items()}
-    return FalconPart.assigned(config, spec, state, device=device, dtype=dtype)
+    return FalconPart.assigned(config, spec, state_dict, device=device, dtype=dtype)
 
 
 def _read(directory, spec: PartSpec, layers: bool, device, dtype) -> dict[str, torch.Tensor]:
@@ -73,9 +72,3 @@ def _read(directory, spec: PartSpec, layers: bool, device, dtype) -> dict[str, t
             return {}
         spec = PartSpec(begin=spec.begin, end=spec.end)
     return load(directory, spec, device=device, dtype=dtype).state_dict()
-
-
-def _place(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    return t if device is None else t.to(device)

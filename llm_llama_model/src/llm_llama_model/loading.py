@@ -57,8 +57,7 @@ def part_from_state_dict(
 ) -> LlamaPart:
     """A part whose parameters *are* the given tensors (part-relative keys, layers from slot 0);
     ``device`` / ``dtype`` convert the floating-point tensors that differ (a copy of those)."""
-    state = {k: _place(v, device, dtype) for k, v in state_dict.items()}
-    return LlamaPart.assigned(config, spec, state, device=device, dtype=dtype)
+    return LlamaPart.assigned(config, spec, state_dict, device=device, dtype=dtype)
 
 
 def _read(directory, spec: PartSpec, layers: bool, device, dtype) -> dict[str, torch.Tensor]:
@@ -68,9 +67,3 @@ def _read(directory, spec: PartSpec, layers: bool, device, dtype) -> dict[str, t
             return {}
         spec = PartSpec(begin=spec.begin, end=spec.end)
     return load(directory, spec, device=device, dtype=dtype).state_dict()
-
-
-def _place(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    return t if device is None else t.to(device)

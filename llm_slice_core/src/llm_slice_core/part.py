@@ -164,10 +164,12 @@ class ModelPart(nn.Module):
         layers: bool = True,
     ) -> ModelPart:
         """The part ``cls(config, spec)`` built on ``meta`` with the given tensors as its
-        parameters (no copy; part-relative keys, layers from slot 0). With ``layers=False`` the
+        parameters (part-relative keys, layers from slot 0; no copy, unless ``device`` or
+        ``dtype`` convert a floating-point tensor that differs). With ``layers=False`` the
         state holds no layer and every layer slot stays weightless. Keys, shapes and dtypes are
         checked first (:class:`WeightsError`)."""
         part = cls(config, spec, device="meta")
+        state = {k: _place(v, device, dtype) for k, v in state.items()}
         expected = part.state_dict()
         if not layers:
             expected = {k: v for k, v in expected.items() if not k.startswith("layers.")}
@@ -275,6 +277,12 @@ class ModelPart(nn.Module):
                 f"cache was not made by this part's new_cache(), got {type(cache).__name__}"
             )
         return cache
+
+
+def _place(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t if device is None else t.to(device)
 
 
 def _check_state(
