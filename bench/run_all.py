@@ -49,6 +49,7 @@ QUICK: dict[str, list[str]] = {
 SMOLLM2_OPTION = {"api": "--dir", "llama_decode": "--sepweight", "pipeline": "--dir",
                   "pipeline_dist": "--dir"}  # fmt: skip
 NEEDS_CUDA = {"llama_decode_cuda"}
+TARGET = re.compile(r"\(?target[^)]*\)?")
 RATIO = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)x\b")
 
 
@@ -103,7 +104,7 @@ def ratio_rows(name: str, output: str) -> list[tuple[str, str, str]]:
     rows, context = [], []
     for line in output.splitlines():
         text = " ".join(line.split())
-        found = RATIO.findall(line)
+        found = RATIO.findall(TARGET.sub("", line))  # a target's ratio is not a measurement
         if not found:
             if text:
                 context = [*context, text][-2:]

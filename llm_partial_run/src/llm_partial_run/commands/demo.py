@@ -12,7 +12,8 @@
    process dies).
 
 ``--stream K`` answers on this process alone instead, the layers' weights streamed with at
-most K of them resident, and prints the streamer's residency report.
+most K of them resident, and prints the streamer's residency report. ``--device cuda`` puts the
+parts (or the streamed layers) on a GPU.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, summary: str) -> None
                    help="where the converted model is kept (default %(default)s)")  # fmt: skip
     p.add_argument("--stream", type=int, metavar="K",
                    help="one process, the layers streamed with at most K resident")  # fmt: skip
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N: where the parts compute")
     p.add_argument("--threads", type=int,
                    help="torch threads per node (default: the cores, shared out)")  # fmt: skip
 
@@ -142,7 +144,7 @@ def _answer_on_nodes(directory: Path, tokenizer, ids: list[int], args: argparse.
         _say(f"starting {len(specs)} nodes on 127.0.0.1, a fresh token in {token_file} (0600):")
         for spec in specs:
             _say(f"  llm-partial-run serve {directory} --part '{spec}' --token-file {token_file}")
-        with _nodes(directory, specs, token_file, threads, tmp) as addresses:
+        with _nodes(directory, specs, token_file, threads, tmp, args.device) as addresses:
             with Pipeline(addresses, token=token, timeout=120.0) as pipeline:
                 chain = zip(pipeline.infos, pipeline.links, strict=True)
                 parts = [f"{info.spec} on {link.name}" for info, link in chain]
@@ -152,18 +154,24 @@ def _answer_on_nodes(directory: Path, tokenizer, ids: list[int], args: argparse.
 
 @contextlib.contextmanager
 def _nodes(
-    directory: Path, specs: list[str], token_file: Path, threads: int, tmp: Path
+    directory: Path,
+    specs: list[str],
+    token_file: Path,
+    threads: int,
+    tmp: Path,
+    device: str | None = None,
 ) -> Iterator[list[str]]:
     """Node processes serving ``specs``; yields their addresses once each printed its ready
     line; stops every one of them (SIGTERM, then SIGKILL, to its whole process group)."""
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
+    device_args = ["--device", device] if device else []
     try:
         for i, spec in enumerate(specs):
             logs.append(tmp / f"node{i + 1}.log")
             cmd = [sys.executable, "-c", NODE_PRELUDE, str(os.getpid()),
                    "serve", str(directory), "--part", spec, "--token-file", str(token_file),
-                   "--threads", str(threads)]  # fmt: skip
+                   "--threads", str(threads), *device_args]  # fmt: skip
             with open(logs[-1], "w") as log:
                 procs.append(subprocess.Popen(
                     cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
@@ -260,7 +268,7 @@ def _answer_streamed(directory: Path, tokenizer, ids: list[int], args: argparse.
         torch.set_num_threads(args.threads)
     k = args.stream
     _say(f"one process, the layers' weights streamed: at most {k} resident at once")
-    with LocalModel(directory, resident_layers=k) as model:
+    with LocalModel(directory, device=args.device, resident_layers=k) as model:
         streamed = model.links[0].part
         try:
             _answer(model, tokenizer, ids, args)
