@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import llm_sampler
-from llm_partial_run.errors import NodeError
+from llm_partial_run.errors import NodeError, SessionError
 from llm_partial_run.session import Pipeline
 
 PROMPTS = [[5, 9, 2, 7, 11], [3, 4], [8, 1, 6]]
@@ -85,3 +85,68 @@ def test_a_spare_takes_over_with_the_same_tokens(tiny_llama, front, node_process
         tokens = run_until(session, 4, lambda: os.kill(first.proc.pid, signal.SIGKILL))
         assert [link.name for link in session.links] == [*front, spare.address]
     assert tokens == undisturbed(tiny_llama)
+
+
+class DyingLink:
+    """A LocalLink that stops answering (NodeError) after ``calls`` forward calls."""
+
+    def __init__(self, link, calls: int, name: str) -> None:
+        self.link, self.calls, self.name = link, calls, name
+
+    def info(self):
+        return self.link.info()
+
+    def forward(self, *args):
+        self.calls -= 1
+        if self.calls < 0:
+            raise NodeError(self.name, "died")
+        return self.link.forward(*args)
+
+    def __getattr__(self, name):
+        if self.calls < 0:
+            raise NodeError(self.name, "died")
+        return getattr(self.link, name)
+
+
+class FullLink(DyingLink):
+    """A spare that refuses every session (its cap is reached)."""
+
+    def open_session(self, *args):
+        raise SessionError("full: the cap is 0")
+
+
+def greedy(session, prompts, first_rows, steps):
+    """Prefill two sessions, keep some rows of the first, join the second, decode greedily."""
+    a, b = session
+    first_a = a(torch.tensor(prompts[:2]))[:, -1].argmax(-1)
+    first_b = b(torch.tensor(prompts[2:]))[:, -1].argmax(-1)
+    a.keep_rows(first_rows)
+    a.join(b)
+    tokens = [torch.cat([first_a[first_rows], first_b])]
+    for _ in range(steps):
+        tokens.append(a(tokens[-1][:, None])[:, -1].argmax(-1))
+    return torch.stack(tokens, 1).tolist()
+
+
+def test_replay_on_a_spare_covers_keep_rows_and_join(tiny_llama):
+    """A part that dies after rows left and joined: the spare replays forwards, keep_rows and
+    the joined session's own inputs, and the tokens are those of an undisturbed run."""
+    from llm_partial_run.local import LocalLink
+    from llm_partial_run.parts import load_any_part
+
+    def link(spec):
+        return LocalLink(load_any_part(tiny_llama.directory, spec, verify=False))
+
+    probe = link("b 0-2").part.new_cache(1, 1)
+    if not hasattr(probe, "keep_rows"):
+        pytest.skip("the model package's cache has no keep_rows/join yet (issue 12)")
+    prompts = [[5, 9, 2], [3, 4, 8], [8, 1, 6]]
+    steady = Pipeline([link(s) for s in tiny_llama.specs])
+    expected = greedy((steady.session(3, 16), steady.session(1, 16)), prompts, [1], 4)
+
+    spares = [FullLink(link("2-4"), 99, "full"), link("2-4")]
+    dying = DyingLink(link("2-4"), 4, "dying")
+    faulty = Pipeline([link("b 0-2"), dying, link("4-6 e")], spares=spares)
+    sessions = (faulty.session(3, 16), faulty.session(1, 16))
+    assert greedy(sessions, prompts, [1], 4) == expected
+    assert sessions[0].links[1] is spares[1]  # the full spare was passed over

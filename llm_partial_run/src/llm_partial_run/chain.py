@@ -39,10 +39,11 @@ def check_chain(
     if not nodes:
         raise ChainError("no parts given: a chain needs parts covering begin, every layer, end")
     first_link, first = nodes[0]
-    names = [link.name for link, _ in [*nodes, *spares]]
-    for name in names:
-        if names.count(name) > 1:
-            raise ChainError(f"node {name} is listed twice: a spare must be another node")
+    seen: set[int] = set()
+    for link, _ in [*nodes, *spares]:
+        if id(link) in seen:
+            raise ChainError(f"node {link.name} is listed twice: a spare must be another node")
+        seen.add(id(link))
     for link, info in [*nodes, *spares]:
         _check_same(link, info, first_link, first)
     by_spec: dict[PartSpec, list[tuple[PartLink, PartInfo]]] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .chain import Chain, check_chain
-from .errors import NodeError, PartialRunError, SessionError
+from .errors import ChainError, NodeError, PartialRunError, SessionError
 from .local import LocalLink, part_info
 from .transport import PartInfo, PartLink
 
@@ -215,16 +215,18 @@ class Session:
 
     def _fail_over(self, i: int, error: NodeError) -> None:
         """Move part ``i`` to its next spare and rebuild the session's cache there."""
-        dead = self.links[i]
+        # The dead link is not told to close the session: it may hang until its timeout again.
+        # Should it come back, its idle-session TTL frees the cache.
         while self._spares.get(i):
             spare = self._spares[i].pop(0)
             try:
                 self._replayed = self._replay(spare, i)
-            except NodeError as exc:
-                log.warning("spare %s failed too: %s", spare.name, exc)
+            except (NodeError, SessionError) as exc:
+                log.warning("spare %s cannot take over: %s", spare.name, exc)
+                if isinstance(exc, SessionError):
+                    _quietly(spare, "close_session", self.id)
                 continue
             self.links[i] = spare
-            _quietly(dead, "close_session", self.id)
             return
         raise error
 
@@ -299,6 +301,7 @@ class Pipeline:
         ssl_context: Any = None,
     ) -> None:
         self._owned: list[PartLink] = []
+        _check_distinct([*nodes, *spares])
         try:
             primary = [self._link(n, token, timeout, ssl_context) for n in nodes]
             extra = [self._link(n, token, timeout, ssl_context) for n in spares]
@@ -358,6 +361,18 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_distinct(nodes: Sequence[str | PartLink]) -> None:
+    from .remote import parse_address
+
+    seen: set[tuple[str, int]] = set()
+    for node in nodes:
+        if isinstance(node, str):
+            address = parse_address(node)
+            if address in seen:
+                raise ChainError(f"node {node} is listed twice: a spare must be another node")
+            seen.add(address)
 
 
 class LocalModel(Pipeline):
