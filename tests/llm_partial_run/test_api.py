@@ -417,6 +417,8 @@ class FakeSession:
         self.rows = len(rows)
 
     def join(self, other) -> None:
+        if self.source.fail_join:
+            raise RuntimeError("node 127.0.0.1:1 refused join")
         assert self.rows + other.rows <= self.batch
         self.rows += other.rows
         other.closed = True  # as Session.join: the other session is spent
@@ -430,7 +432,7 @@ class FakeSource:
         self.log: list = []
         self.sessions: list[FakeSession] = []
         self.gate = threading.Event()
-        self.calls, self.fail_at = 0, None
+        self.calls, self.fail_at, self.fail_join = 0, None, False
 
     def session(self, batch: int, max_len: int) -> FakeSession:
         self.sessions.append(FakeSession(self, batch, max_len))
@@ -493,6 +495,10 @@ def test_a_failing_model_gives_server_errors_and_the_server_goes_on(tok) -> None
         source.fail_at = source.calls + 3
         with pytest.raises(openai.APIError, match="died"):
             streamed(c.completions.create(model="fake", prompt=[20], max_tokens=10, stream=True))
-        reply = c.completions.create(model="fake", prompt=[20], max_tokens=4)
+        source.fail_join = True
+        with pytest.raises(openai.InternalServerError, match="refused join"):
+            c.completions.create(model="fake", prompt=[20], max_tokens=10)
+        source.fail_join = False
+        reply = c.completions.create(model="fake", prompt=[20], max_tokens=4, temperature=0)
         assert reply.choices[0].text == tok.decode([21, 22, 23, 24])
         assert app.state.model.batcher.wait_idle(10)  # rows left, the batch session closed

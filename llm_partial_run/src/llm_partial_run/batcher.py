@@ -369,7 +369,7 @@ class Batcher:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[i, width - len(prompt) :] = True
-        session = None
+        session, joining = None, False
         try:
             session = self.source.session(len(rows), width)
             logits = session(ids, mask)[:, -1].float()
@@ -384,6 +384,7 @@ class Batcher:
             if self._session is None:
                 self._session = self.source.session(self.max_rows, self.max_len)
                 self._length = 0
+            joining = True
             self._session.join(session)
         except Exception as exc:
             log.exception("prefill of %d rows failed", len(rows))
@@ -392,6 +393,8 @@ class Batcher:
             for job in jobs:
                 job._emit(exc)
                 job.cancel()
+            if joining:  # the batch may be joined on some parts and not on others
+                self._fail_batch(exc)
             return
         with self._cond:
             mine = self._length if self._rows else 0
