@@ -168,7 +168,7 @@ def test_root_readme_blocks_run(smollm2_sepweight, tmp_path):
     for path in smollm2_sepweight.iterdir():  # links, so that nothing writes into the original
         (tmp_path / "smollm2-sw" / path.name).symlink_to(path)
     blocks = blocks_to_run("README.md")
-    assert len(blocks) >= 7  # one per package at least
+    assert len(blocks) >= 8  # one per package at least
     done = run_blocks(blocks, tmp_path)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     out = done.stdout
