@@ -59,7 +59,7 @@ def tok(smollm2_sepweight: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def local(smollm2_sepweight: Path) -> LocalModel:
     torch.set_num_threads(1)
-    model = LocalModel(smollm2_sepweight)
+    model = LocalModel(smollm2_sepweight, specs=("b 0-15", "15-30 e"))  # two local parts
     yield model
     model.close()
 
@@ -183,7 +183,7 @@ def test_disconnect_frees_the_session(server, local) -> None:
                     break
     assert batcher(server).wait_idle(30)  # the row left and the batch session closed
     assert batcher(server).stats()["steps"] - steps < 100
-    assert local.links[0].stats()["sessions"] == 0  # checked on the model itself
+    assert [link.stats()["sessions"] for link in local.links] == [0, 0]  # on the parts
     assert client_ok(server)
 
 
