@@ -83,6 +83,14 @@ def test_tiny_streamed_packed_equals_packed_resident(tiny):
         assert_same(steps(part, *padded()), want)
 
 
+def test_tiny_streamed_with_a_dtype_change_equals_resident(tiny):
+    want = steps(resident(tiny, pack=False, dtype=torch.float64), *padded())
+    with load_streamed(tiny, resident_layers=2, dtype=torch.float64) as part:
+        assert part.dtype == torch.float64
+        assert_same(steps(part, *padded()), want)
+        assert part.stats.bytes["convert"] > 0
+
+
 def test_all_layers_resident_loads_each_once(tiny):
     with load_streamed(tiny, resident_layers=6) as part:
         assert not part.prefetch

@@ -58,7 +58,8 @@ class StreamedPart:
         resident_layers: int,
         device: torch.device,
         prefetch: bool,
-        readahead: int = 2,
+        pack: bool = False,
+        readahead: int = 0,
     ) -> None:
         self.part = part
         self.files = files
@@ -82,9 +83,16 @@ class StreamedPart:
         )
         self._lock = threading.Lock()
         self._closed = False
-        if self._stream.keep:  # everything fits: set every layer once and keep it
-            for i in range(len(files)):
-                part.set_layer_weights(i, self._stream.get(i))
+        # On the CPU, unpacked and in the files' dtype, a layer's weights are views of its map:
+        # they are given to the part once and stay; only their pages come and go (the resident
+        # set holds K layers, the rest are address space). Otherwise (K >= layers aside) each
+        # call sets a layer's weights before it runs and drops them after.
+        self._assigned = self._stream.keep or (
+            isinstance(path, HostPath) and path.zero_copy and not pack
+        )
+        if self._assigned:
+            for i, f in enumerate(files):
+                part.set_layer_weights(i, self._stream.get(i) if self._stream.keep else f.tensors)
 
     @property
     def spec(self) -> PartSpec:
@@ -137,14 +145,14 @@ class StreamedPart:
                 tensors = stream.get(i)
                 start = time.perf_counter()
                 try:
-                    if not stream.keep:
+                    if not self._assigned:
                         part.set_layer_weights(i, tensors)
                     del tensors
                     h = part.layers[i](h, step, None if cache is None else cache.layers[i])
                 finally:
-                    if not stream.keep:
+                    if not self._assigned:
                         part.drop_layer_weights(i)
-                        stream.done(i)
+                    stream.done(i)
                 stats.compute_seconds += time.perf_counter() - start
             stats.calls += 1
             stats.layers += len(part.layers)
@@ -187,7 +195,8 @@ def load_streamed(
     prefetch: bool = True,
     pack: bool | None = None,
     verify: bool = False,
-    readahead: int = 2,
+    readahead: int | None = None,
+    huge_pages: bool = True,
 ) -> StreamedPart:
     """Load part ``spec`` of the sepweight model in ``directory`` with its layers streamed.
 
@@ -197,11 +206,21 @@ def load_streamed(
     background thread while one computes (with K = 1 only the page-cache read-ahead can run
     ahead). ``pack`` is passed to the model package's ``load_part``: None means False, i.e.
     layers computed on their mapped file bytes (CPU) or device slot (CUDA) with no copy.
-    ``verify`` re-hashes the part's files first; ``readahead`` is how many layers past the one
-    being loaded the page cache is asked to read.
+    ``verify`` re-hashes the part's files first. ``readahead`` is how many layers past the
+    one being loaded the page cache is asked to read asynchronously (``posix_fadvise``); None
+    means 1 with K = 1 (nothing else can run ahead there) and 0 otherwise (such reads fill the
+    page cache with 4 KiB pages, which cost more to map than the 2 MiB ones below).
+
+    ``huge_pages`` (Linux): the layers' maps are advised ``MADV_HUGEPAGE``, so what they fault
+    in lands in the page cache as 2 MiB folios, mapped with one entry per 2 MiB: bringing a
+    cached 14 MB SmolLM2 layer back into the process then costs ~0.06 ms instead of ~0.85 ms.
+    To get there, the layers' files are dropped from the page cache once here (pages another
+    process maps stay), so the first call reads them from disk through those maps.
     """
     if not isinstance(resident_layers, int) or resident_layers < 1:
         raise PartialRunError(f"resident_layers must be an integer >= 1, got {resident_layers!r}")
+    if readahead is None:
+        readahead = 1 if resident_layers == 1 else 0
     if readahead < 0:
         raise PartialRunError(f"readahead must be >= 0, got {readahead}")
     directory = Path(directory)
@@ -212,8 +231,14 @@ def load_streamed(
         device = torch.device("cuda", torch.cuda.current_device())
     arch = find_architecture(name=manifest.arch)
     weights = load(directory, resolved, verify=verify)  # maps the part's files, reads nothing
-    files = [LayerFile(directory / mid_name(i), weights.layers[i]) for i in resolved.layers]
+    files = [
+        LayerFile(directory / mid_name(i), weights.layers[i], huge_pages=huge_pages)
+        for i in resolved.layers
+    ]
     del weights
+    if huge_pages:
+        for f in files:
+            f.evict()
     part = arch.load_part(
         directory, resolved, device=device, dtype=dtype, pack=bool(pack), layers=False
     )
@@ -223,5 +248,6 @@ def load_streamed(
         resident_layers=resident_layers,
         device=device,
         prefetch=prefetch,
+        pack=bool(pack),
         readahead=readahead,
     )
