@@ -104,6 +104,47 @@ def test_given_parts_are_checked_like_any_chain():
         plan_parts(manifest, "b 0-2,2-6", 2)
 
 
+# ---- micro-batches in flight (no processes) ---------------------------------------------------
+
+
+class _QueueLink:
+    """A stand-in for a RankLink: ``submit_forward`` records the call, ``result`` answers it
+    (adds ``add``); counts the most calls it had in flight at once."""
+
+    def __init__(self, add: float, one_at_a_time: bool) -> None:
+        self.add, self.one_at_a_time = add, one_at_a_time
+        self.in_flight = self.most = 0
+
+    def submit_forward(self, session_id, step, x, mask):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        link = self
+
+        class Pending:
+            def result(self):
+                link.in_flight -= 1
+                return x + link.add, 0.0
+
+        return Pending()
+
+
+class _NowLink:
+    def forward(self, session_id, step, x, mask):
+        return x * 10, 0.0
+
+
+@pytest.mark.parametrize("one_at_a_time, most", [(False, 4), (True, 1)])
+def test_micro_batches_in_flight_come_back_in_order(one_at_a_time, most):
+    from llm_partial_run.dist import forward_in_flight
+
+    remote = [_QueueLink(1, one_at_a_time), _QueueLink(100, one_at_a_time)]
+    links = [_NowLink(), *remote]
+    xs = [torch.tensor([float(k)]) for k in range(4)]
+    out = forward_in_flight(links, ["a", "b", "c", "d"], 0, xs)
+    assert [float(o) for o in out] == [k * 10 + 101 for k in range(4)]
+    assert [link.most for link in remote] == [most, most]  # gloo: all queued at the rank
+
+
 # ---- ranks in processes -----------------------------------------------------------------------
 
 

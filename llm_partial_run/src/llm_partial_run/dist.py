@@ -31,6 +31,7 @@ torchrun's: ``--max-restarts N`` restarts the whole group, which reloads every p
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -394,7 +395,12 @@ class RankLink:
         self._sent = 0  # tickets handed out
         self._read = 0  # replies read
         self._numbers: dict[str, int] = {}
-        self._next_number = 1
+        self._next_number = itertools.count(1)
+        self.one_at_a_time = groups.on_cuda
+        """True over NCCL: a forward is sent only once the previous call's reply was read.
+        NCCL runs a pair's sends and receives in one stream, in the order they were issued, so
+        rank 0 sending k+1 before receiving k while the rank sends k before receiving k+1 could
+        wait on each other; gloo matches them independently."""
         self._failed: NodeError | None = None  # the transport broke
         self._stopped: NodeError | None = None  # rank 0 sent STOP or ABORT
         self.last_used = time.monotonic()
@@ -426,8 +432,7 @@ class RankLink:
         """Open the session on the rank (its number on the wire is assigned here)."""
         number = self._numbers.get(session_id)
         if number is None:
-            number = self._numbers[session_id] = self._next_number
-            self._next_number += 1
+            number = self._numbers[session_id] = next(self._next_number)
         try:
             self._call(Kind.OPEN_SESSION, session=number, a=batch_size, b=max_len).reply()
         except SessionError:
@@ -501,6 +506,8 @@ class RankLink:
               *, payload: bytes = b"", **fields: Any) -> PendingCall:  # fmt: skip
         header, tensors = _described(kind, x, mask, **fields)
         with self._send_lock:
+            if self.one_at_a_time and tensors:
+                self._wait_idle(kind)
             if self._failed is not None or self._stopped is not None:
                 raise self._failed or self._stopped
             try:
@@ -511,6 +518,16 @@ class RankLink:
             self._sent += 1
             self.last_used = time.monotonic()
         return PendingCall(self, ticket, kind, works)
+
+    def _wait_idle(self, kind: Kind) -> None:
+        with self._turn:
+            done = lambda: self._read == self._sent or self._failed is not None  # noqa: E731
+            if not self._turn.wait_for(done, timeout=self._wire.groups.timeout):
+                raise PartialRunError(
+                    f"{self.name}: {kind.name} waited {self._wire.groups.timeout} s for the "
+                    "previous call's reply to be read: over NCCL a rank takes one forward at a "
+                    "time (read the last result first; forward_in_flight does)"
+                )
 
     def _read_reply(self, ticket: int, kind: Kind, sends: list[Any]) -> _Reply:
         with self._turn:
@@ -560,9 +577,10 @@ def forward_in_flight(
 
     A :class:`RankLink` is sent the next micro-batch before the previous one's result is back,
     so while rank 2 computes micro-batch k, rank 1 computes k+1 and this process k+2 on its own
-    part. Links without ``submit_forward`` (a LocalLink) run in this thread. Returns each
-    micro-batch's output (the last link's: logits), in order. ``step`` is one step number for
-    every session or one per session.
+    part (over NCCL a rank is sent its next micro-batch once its last result is read:
+    :attr:`RankLink.one_at_a_time`). Links without ``submit_forward`` (a LocalLink) run in this
+    thread. Returns each micro-batch's output (the last link's: logits), in order. ``step`` is
+    one step number for every session or one per session.
     """
     n = len(xs)
     steps = [step] * n if isinstance(step, int) else list(step)
@@ -570,24 +588,36 @@ def forward_in_flight(
     if not (len(session_ids) == len(steps) == len(masks) == n):
         raise PartialRunError("forward_in_flight needs one session id, step and mask per x")
     stage, value = [0] * n, list(xs)
-    pending: deque[tuple[int, PendingCall]] = deque()
+    pending: deque[tuple[int, PendingCall]] = deque()  # (micro-batch, call), oldest first
+    busy = [0] * len(links)  # calls in flight per link
+    queued: list[deque[int]] = [deque() for _ in links]  # micro-batches waiting for a link
 
     def advance(k: int) -> None:
         while stage[k] < len(links):
-            link = links[stage[k]]
+            i = stage[k]
+            link = links[i]
             submit = getattr(link, "submit_forward", None)
-            if submit is not None:
+            if submit is None:
+                value[k], _ = link.forward(session_ids[k], steps[k], value[k], masks[k])
+                stage[k] += 1
+                continue
+            if busy[i] and getattr(link, "one_at_a_time", False):
+                queued[i].append(k)
+            else:
+                busy[i] += 1
                 pending.append((k, submit(session_ids[k], steps[k], value[k], masks[k])))
-                return
-            value[k], _ = link.forward(session_ids[k], steps[k], value[k], masks[k])
-            stage[k] += 1
+            return
 
     for k in range(n):
         advance(k)
     while pending:
         k, call = pending.popleft()
         value[k], _ = call.result()
+        i = stage[k]
+        busy[i] -= 1
         stage[k] += 1
+        if queued[i]:
+            advance(queued[i].popleft())  # keep that rank busy first
         advance(k)
     return value
 

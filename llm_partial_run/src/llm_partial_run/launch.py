@@ -207,13 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_link(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> Any:
     from .local import LocalLink, part_info
-    from .parts import load_any_part
+    from .parts import fingerprint, load_any_part
 
     part = load_any_part(args.directory, spec, device=groups.device, dtype=args.dtype,
                          verify=not args.no_verify,
                          resident_layers=args.resident_layers)  # fmt: skip
     model = os.path.basename(os.path.normpath(args.directory))
-    info = part_info(part, arch=manifest.arch, model=model)
+    # the fingerprint makes the chain check refuse ranks whose copies of the model differ
+    info = part_info(part, arch=manifest.arch, model=model, fingerprint=fingerprint(manifest))
     return LocalLink(part, info=info, name=f"rank {groups.rank}")
 
 
