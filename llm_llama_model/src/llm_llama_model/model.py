@@ -17,6 +17,8 @@ from torch import nn
 
 from llm_sepweight import PartSpec
 from llm_slice_core import (
+    CacheError,
+    InputError,
     KVCache,
     LayerKV,
     Linears,
@@ -25,7 +27,6 @@ from llm_slice_core import (
     additive_mask,
     allowed_keys,
 )
-from llm_slice_core.errors import CacheError, InputError
 
 from . import rope
 from .config import LlamaConfig
