@@ -332,7 +332,8 @@ class FalconPart(ModelPart):
         with torch.device(device) if device is not None else nullcontext():
             if self.spec.begin:
                 self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-            self.layers = nn.ModuleList(self.new_layer() for _ in self.spec.layers)
+            block = BLOCKS[config.block]
+            self.layers = nn.ModuleList(block(config) for _ in self.spec.layers)
             if self.spec.end:
                 self.ln_f = layer_norm(config)
                 self.lm_head, self.head = linear(config.hidden_size, config.vocab_size, False)
@@ -341,10 +342,6 @@ class FalconPart(ModelPart):
 
     embedding = property(lambda self: self.word_embeddings, doc="The token embedding (begin).")
     final_norm = property(lambda self: self.ln_f, doc="The final norm (end).")
-
-    def new_layer(self) -> nn.Module:
-        """One decoder layer of this Falcon's block type, on the current default device."""
-        return BLOCKS[self.config.block](self.config)
 
     def assigned_to(self, device: torch.device) -> None:
         """With tied embeddings, a part holding begin and end uses the embedding as its head."""

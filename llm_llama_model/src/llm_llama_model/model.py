@@ -175,10 +175,6 @@ class LlamaPart(ModelPart):
     embedding = property(lambda self: self.embed_tokens, doc="The token embedding (begin).")
     final_norm = property(lambda self: self.norm, doc="The final norm (end).")
 
-    def new_layer(self) -> DecoderLayer:
-        """One decoder layer of this model, built on the current default device."""
-        return DecoderLayer(self.config)
-
     def tie_weights(self) -> None:
         """Share one tensor between embeddings and head when the config ties them and both exist."""
         if self.config.tie_word_embeddings and self.spec.begin and self.spec.end:

@@ -121,16 +121,16 @@ def own(module: nn.Module) -> None:
         setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=False))
 
 
-def pack(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[Linears]:
+def pack(module: nn.Module) -> list[Linears]:
     """Pack every :class:`Linears` group of ``module`` and give every other parameter memory of
-    its own (except those of the ``skip`` modules): afterwards nothing refers to the files the
-    weights were mapped from. Returns the groups."""
+    its own: afterwards nothing refers to the files the weights were mapped from. Returns the
+    groups."""
     found = groups(module)
     for group in found:
         group.pack()
     packed = {id(lin) for group in found for lin in group.linears}
     for sub in module.modules():
-        if id(sub) not in packed and not any(sub is s for s in skip):
+        if id(sub) not in packed:
             own(sub)
     return found
 

@@ -35,7 +35,7 @@ class ModelPart(nn.Module):
     A subclass sets ``config`` and ``spec`` (resolved), builds ``layers`` (an ``nn.ModuleList``,
     local slot ``i`` = global layer ``spec.layers.start + i``), the begin and end modules, and
     the sizes the shared code reads (``vocab_size``, ``hidden_size``, ``kv_heads``,
-    ``head_dim``); it implements ``prepare``, ``complete``, ``new_layer`` and names its
+    ``head_dim``); it implements ``prepare`` and ``complete`` and names its
     ``embedding``, ``final_norm`` and ``head`` (a :class:`~.packing.Linears` over the lm head).
     """
 
@@ -56,10 +56,6 @@ class ModelPart(nn.Module):
         self._token = object()  # marks the caches this part made
 
     # -- what a family provides ----------------------------------------------------------------
-
-    def new_layer(self) -> nn.Module:
-        """One decoder layer of this model, built on the current default device."""
-        raise NotImplementedError
 
     def prepare(self, x: torch.Tensor, mask=None, cache=None) -> tuple[torch.Tensor, Any]:
         """``(h, step)``: the first layer's input and what every layer of this call shares."""
