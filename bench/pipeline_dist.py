@@ -5,6 +5,8 @@
 Prints, from one run (for each rank count one torchrun launch; its rank 0 alternates the
 configurations round by round -- the ranks, two socket_rpc nodes, one process holding the whole
 model -- and takes medians, so load from elsewhere hits them alike):
+- one hop with no compute (an echo part: a decode step's hidden states out, its logits back),
+  gloo vs socket_rpc, alternated: the transport alone;
 - per-hop overhead per decode token, batch 1: (wall - the parts' compute) / remote hops, for
   2 and 3 torch.distributed ranks (rank 0 holds the first part, so N ranks make N-1 hops) and
   for a pipeline of 2 socket_rpc nodes on 127.0.0.1 (2 hops); target: gloo no worse;
@@ -81,6 +83,106 @@ def _one_process(model, decode, flight: int, tokens: int) -> tuple[float, float]
     return sequential, batched
 
 
+class EchoPart:
+    """The last part of a SmolLM2 decode hop with no compute: hidden states [B, T, 576] in,
+    zero logits [B, T, 49152] (float32) out -- the transport alone."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from llm_sepweight import PartSpec
+
+        self.spec, self.config = PartSpec.parse("1-2 e"), SimpleNamespace(num_hidden_layers=2)
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def new_cache(self, batch_size: int, max_len: int):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(layers=[], batch_size=batch_size)
+
+    def cache_bytes(self, batch_size: int, max_len: int) -> int:
+        return 0
+
+    def __call__(self, x, mask=None, cache=None):
+        return torch.zeros(x.shape[0], x.shape[1], 49152)
+
+
+def _echo_link():
+    from llm_partial_run.local import LocalLink, part_info
+
+    return LocalLink(EchoPart(), info=part_info(EchoPart(), arch="echo"))
+
+
+def echo_node_main() -> None:
+    """A socket_rpc node serving :class:`EchoPart` (``--echo-node``): prints ``ready H:P``."""
+    from socket_rpc import Server, exposed
+
+    link = _echo_link()
+
+    class EchoNode:
+        @exposed
+        def info(self):
+            return link.info().to_dict()
+
+        @exposed
+        def open_session(self, session_id, batch_size, max_len):
+            link.open_session(session_id, batch_size, max_len)
+
+        @exposed
+        def forward(self, session_id, step, x, mask):
+            return link.forward(session_id, step, x, mask)
+
+        @exposed
+        def close_session(self, session_id):
+            link.close_session(session_id)
+
+    server = Server()
+    server.expose_object(EchoNode())
+    server.start()
+    host, port = server.address[:2]
+    print(f"ready {host}:{port}", flush=True)
+    sys.stdin.read()  # until the driver closes our stdin
+
+
+def _echo_calls(link, session_id: str, first_step: int, calls: int) -> float:
+    """Seconds per forward call of one decode-sized hidden state through ``link``."""
+    x = torch.zeros(1, 1, 576)
+    start = time.perf_counter()
+    for step in range(first_step, first_step + calls):
+        link.forward(session_id, step, x, None)
+    return (time.perf_counter() - start) / calls
+
+
+def echo_rank_main(args: argparse.Namespace) -> None:
+    """Two ranks (``--echo``): rank 1 serves :class:`EchoPart`; rank 0 alternates calls to it
+    with calls to the socket_rpc echo node at ``--nodes`` and prints ``result {json}``."""
+    from llm_partial_run.dist import Cluster, close_ranks, init_ranks, serve_rank
+    from llm_partial_run.remote import RemoteLink
+
+    groups = init_ranks("cpu", timeout=300)
+    if groups.rank:
+        serve_rank(_echo_link(), groups)
+        close_ranks()
+        return
+    remote = RemoteLink(args.nodes)
+    found: dict[str, list[float]] = {"dist": [], "socket": []}
+    with Cluster(groups) as cluster:
+        links = {"dist": cluster.links[0], "socket": remote}
+        for link in links.values():
+            link.open_session("echo", 1, 1 << 20)
+            _echo_calls(link, "echo", 0, 50)  # warm up
+        step = 50
+        for _ in range(args.rounds * 3):
+            for name, link in links.items():
+                found[name].append(_echo_calls(link, "echo", step, 100))
+            step += 100
+        remote.close_session("echo")
+        remote.close()
+    result = {name: statistics.median(v) for name, v in found.items()}
+    print("result " + json.dumps(result), flush=True)
+    close_ranks()
+
+
 def rank_main(args: argparse.Namespace) -> None:
     """One rank of the bench cluster (run by torchrun): ranks > 0 serve; rank 0 measures, round
     by round alternated, the ranks, the socket nodes and one process (the whole model loaded
@@ -139,14 +241,14 @@ def _free_port() -> int:
 
 
 def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rounds: int,
-              flight: int, threads: int) -> dict:  # fmt: skip
+              flight: int, threads: int, echo: bool = False) -> dict:  # fmt: skip
     """Start ``ranks`` ranks under torchrun on 127.0.0.1 and return rank 0's measurements."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(Path(__file__).resolve()), "--rank-main",
            "--dir", str(directory), "--tokens", str(tokens), "--rounds", str(rounds),
            "--flight", str(flight), "--threads", str(threads),
-           "--nodes", ",".join(nodes)]  # fmt: skip
+           "--nodes", ",".join(nodes), *(["--echo"] if echo else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
@@ -165,16 +267,27 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
     process) decoding them one after another, and as one batch.
     """
     bench = _pipeline_module()
+    echo = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-node"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
     procs = bench.start_nodes(directory, ("b 0-15", "15-30 e"), threads)
     try:
+        hop = run_ranks(directory, 2, [bench.ready(echo)], tokens=tokens, rounds=rounds,
+                        flight=flight, threads=threads, echo=True)  # fmt: skip
         nodes = [bench.ready(p) for p in procs]
         results = [run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds, flight=flight,
                              threads=threads) for n in ranks]  # fmt: skip
     finally:
+        echo.stdin.close()
+        echo.wait()
         for p in procs:
             p.terminate()
             p.wait()
-    lines = []
+    d, k = hop["dist"] * 1e3, hop["socket"] * 1e3
+    lines = [
+        f"  one hop, transport alone (576 floats out, 49152 back, no compute), alternated: "
+        f"gloo {d:.3f} ms, socket_rpc {k:.3f} ms: gloo/socket {d / k:4.2f}x (target <= 1x)"
+    ]
     for r in results:
         n, hops = r["ranks"], r["hops"]
         wall, compute = r["dist"][0], r["dist"][1]
@@ -203,9 +316,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", help=argparse.SUPPRESS)
+    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-node", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo_node:
+        echo_node_main()
+        return
     if args.rank_main:
-        rank_main(args)
+        (echo_rank_main if args.echo else rank_main)(args)
         return
     torch.set_num_threads(args.threads)
     directory = _pipeline_module().smollm2_dir(args.dir)

@@ -252,8 +252,7 @@ class _Wire:
         head = replace(header, nbytes=len(payload), inline=inline).to_tensor().view(torch.uint8)
         if inline:
             pieces = [head, *([body] if body is not None else []), *inline_tensors]
-            works = [dist.isend(torch.cat(pieces) if len(pieces) > 1 else head, self.peer,
-                                group=g.headers)]  # fmt: skip
+            works = [dist.isend(_joined(pieces), self.peer, group=g.headers)]
             rest = list(tensors) if g.on_cuda else []
         else:
             works = [dist.isend(head, self.peer, group=g.headers)]
@@ -285,7 +284,7 @@ class _Wire:
             tensors = [self._recv_tensor(dtype, shape) for dtype, shape in shapes]
             return header, payload, *_pair(tensors)
         at = HEADER_BYTES + header.nbytes
-        payload = self._buf[HEADER_BYTES:at].numpy().tobytes()
+        payload = bytes(self._buf[HEADER_BYTES:at].tolist())  # small: JSON, error text
         tensors = []
         for dtype, shape in shapes:
             if self.groups.on_cuda:
@@ -302,12 +301,24 @@ class _Wire:
             return b""
         t = torch.empty(nbytes, dtype=torch.uint8)
         dist.irecv(t, self.peer, group=self.groups.headers).wait(self._span)
-        return t.numpy().tobytes()
+        return bytes(t.tolist())
 
     def _recv_tensor(self, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         t = torch.empty(tuple(shape), dtype=dtype, device=self.groups.device)
         dist.irecv(t, self.peer, group=self.groups.data).wait(self._span)
         return t
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """One uint8 CPU tensor of the pieces' bytes (numpy's concatenate: ~4x faster than
+    ``torch.cat`` for a decode step's 196 KB of logits)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional: torch runs without it
+        return torch.cat(pieces)
+    return torch.from_numpy(np.concatenate([p.numpy() for p in pieces]))
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
