@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--ids",
         action="append",
-        help="a prompt as token ids '1,2,3' (repeat for a batch); prints JSON ids",
+        help="a batch of prompts as token ids, rows split by ';' ('1,2,3;4,5'); repeat for "
+        "several batches; prints each batch's new ids as a JSON line",
     )
     what.add_argument("--api", action="store_true", help="serve the OpenAI-compatible HTTP API")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
