@@ -152,6 +152,26 @@ def test_a_call_failing_half_way_leaves_the_stream_usable(tiny_llama, monkeypatc
         assert_same(steps(part, *padded()), want)  # the loader restarted at layer 0
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_failed_load_raises_and_the_next_call_works(tiny_llama, prefetch):
+    want = steps(resident(tiny_llama.directory, pack=False), *padded())
+    with load_streamed(tiny_llama.directory, resident_layers=2, prefetch=prefetch) as part:
+        path = part._stream.path
+        load = path.load
+        failed = []
+
+        def flaky(index):
+            if index == 3 and not failed:
+                failed.append(index)
+                raise OSError("disk on fire")
+            return load(index)
+
+        path.load = flaky
+        with pytest.raises((PartialRunError, OSError), match="disk on fire"):
+            part(*padded())
+        assert_same(steps(part, *padded()), want)
+
+
 def test_stats_count_every_layer_once_per_call(tiny_llama):
     with load_streamed(tiny_llama.directory, resident_layers=2) as part:
         steps(part, *padded())
@@ -262,3 +282,19 @@ def test_smollm2_k2_peak_rss_below_resident_by_the_layers_not_held(smollm2_sepwe
     streamed = _peak_rss("streamed", smollm2_sepweight)
     assert _peak_rss("packed", smollm2_sepweight) - streamed >= not_held
     assert _peak_rss("unpacked", smollm2_sepweight) - streamed >= not_held - max(sizes)
+
+
+def test_node_serving_resident_layers_gives_the_same_tokens(tiny_llama, node_process):
+    from llm_partial_run.session import Pipeline
+
+    directory = tiny_llama.directory
+    tokens = []
+    for args in ((), ("--resident-layers", "1")):
+        nodes = [node_process(directory, "b 0-3", *args), node_process(directory, "3-6 e")]
+        with Pipeline([n.address for n in nodes]) as pipeline:
+            assert pipeline.chain.links[0].info().resident_layers == (1 if args else None)
+            with pipeline.session(len(PROMPTS), 16) as session:
+                tokens.append(generate(session, PROMPTS, max_new_tokens=6, cached=True))
+        for n in nodes:
+            n.stop()
+    assert tokens[0] == tokens[1] == greedy(resident(directory))

@@ -127,6 +127,7 @@ class LayerFile:
         self.tensors = dict(tensors)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
         self._range = _mapped_range(path, self.tensors.values())
+        self.layout, self.span, self.flat = _layout(self.tensors)
         if huge_pages and self._range is not None:
             # Pages faulted in through this map are read into 2 MiB page-cache folios and mapped
             # whole (one page-table entry per 2 MiB): bringing a cached layer back in then costs
@@ -153,6 +154,37 @@ class LayerFile:
         """Drop the file from the page cache (pages mapped elsewhere stay); for benchmarks."""
         self.release()
         _fadvise(self.path, getattr(os, "POSIX_FADV_DONTNEED", 0))
+
+
+def _layout(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, int], int, torch.Tensor | None]:
+    """Where each tensor goes in a flat byte buffer, the buffer's size, and the layer's bytes as
+    one uint8 view of its map when they lie there back to back (else None: copy one by one).
+
+    Back to back (every file sepweight writes), the offsets are the file's own; otherwise each
+    tensor starts at the next multiple of 64 bytes.
+    """
+    items = sorted(tensors.items(), key=lambda kv: kv[1].data_ptr())
+    sizes = {k: t.numel() * t.element_size() for k, t in items}
+    if items and all(t.is_contiguous() and sizes[k] for k, t in items):
+        first = items[0][1]
+        base, storage = first.data_ptr(), first.untyped_storage()
+        offset, back_to_back = 0, True
+        for key, t in items:
+            back_to_back &= t.data_ptr() - base == offset
+            back_to_back &= t.untyped_storage().data_ptr() == storage.data_ptr()
+            offset += sizes[key]
+        if back_to_back:
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+            lo = base - storage.data_ptr()
+            flat = whole[lo : lo + offset]
+            return {k: t.data_ptr() - base for k, t in items}, offset, flat
+    layout, offset = {}, 0
+    for key, _ in items:
+        layout[key] = offset
+        offset += sizes[key] + (-sizes[key] % 64)
+    return layout, offset, None
 
 
 def _mapped_range(path: Path, tensors) -> tuple[int, int] | None:
@@ -230,6 +262,9 @@ class HostPath:
         """The layer has run and its weights are dropped: its pages leave the process."""
         self.files[loaded.index].release()
 
+    def close(self) -> None:
+        """Nothing to free beyond the maps (they go with the files)."""
+
 
 def _converts(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.is_floating_point() and t.dtype != dtype
@@ -262,7 +297,7 @@ class CudaPath:
         stats: StreamStats,
     ) -> None:
         self.files, self.device, self.dtype, self.stats = files, device, dtype, stats
-        size = max(f.nbytes for f in files)
+        size = max(f.span for f in files)
         size += -size % 512
         self.pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self.pinned_free: list[torch.cuda.Event | None] = [None, None]
@@ -283,25 +318,29 @@ class CudaPath:
         self.stats.add("map", time.perf_counter() - start, f.nbytes)
         slot = self.free_slots.get()
         pin, done = self._pinned_buffer()
-        source = _flat_bytes(f)
         begin_ev, ready = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        host = 0.0
+        host = time.perf_counter()
+        if f.flat is None:  # tensors scattered in the file: gather them, then one copy
+            for key, t in f.tensors.items():
+                n = t.numel() * t.element_size()
+                pin[f.layout[key] : f.layout[key] + n].copy_(
+                    t.contiguous().view(-1).view(torch.uint8)
+                )
         with torch.cuda.stream(self.side):
             if self.slot_free[slot] is not None:
                 self.side.wait_event(self.slot_free[slot])
             begin_ev.record(self.side)
-            for lo in range(0, f.nbytes, self.CHUNK):
-                hi = min(lo + self.CHUNK, f.nbytes)
-                t = time.perf_counter()
-                pin[lo:hi].copy_(source[lo:hi])
-                host += time.perf_counter() - t
+            for lo in range(0, f.span, self.CHUNK):  # each chunk goes up as soon as it is pinned
+                hi = min(lo + self.CHUNK, f.span)
+                if f.flat is not None:
+                    pin[lo:hi].copy_(f.flat[lo:hi])
                 self.slots[slot][lo:hi].copy_(pin[lo:hi], non_blocking=True)
             ready.record(self.side)
         self.pinned_free[done] = ready
         self._timings.append((begin_ev, ready, f.nbytes))
-        self.stats.add("host_copy", host, f.nbytes)
+        self.stats.add("host_copy", time.perf_counter() - host, f.nbytes)
         f.release()
-        return Loaded(index, _views(self.slots[slot], f.tensors), slot, ready)
+        return Loaded(index, _views(self.slots[slot], f), slot, ready)
 
     def _pinned_buffer(self) -> tuple[torch.Tensor, int]:
         turn = self.turn
@@ -323,30 +362,23 @@ class CudaPath:
         self.slot_free[loaded.slot] = event
         self.free_slots.put(loaded.slot)
 
+    def close(self) -> None:
+        """Wait for the side stream, so no copy still writes into a buffer about to be freed."""
+        self.side.synchronize()
+        self._collect_timings()
+
     def _collect_timings(self) -> None:
         while self._timings and self._timings[0][1].query():
             begin, end, nbytes = self._timings.pop(0)
             self.stats.add("to_device", begin.elapsed_time(end) / 1000, nbytes)
 
 
-def _flat_bytes(f: LayerFile) -> torch.Tensor:
-    """The layer's tensors' bytes in file order, as one uint8 view of the map (or a concat)."""
-    items = sorted(f.tensors.values(), key=lambda t: t.data_ptr())
-    first, last = items[0], items[-1]
-    start, stop = first.data_ptr(), last.data_ptr() + last.numel() * last.element_size()
-    storage = first.untyped_storage()
-    if stop - start == f.nbytes and all(t.untyped_storage() is storage for t in items):
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
-        return whole[start - storage.data_ptr() : stop - storage.data_ptr()]
-    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in items])
-
-
-def _views(buffer: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views of ``buffer`` laid out as ``tensors`` lie in their file (same order and offsets)."""
-    base = min(t.data_ptr() for t in tensors.values())
+def _views(buffer: torch.Tensor, f: LayerFile) -> dict[str, torch.Tensor]:
+    """The layer's tensors as views of ``buffer``, which holds its bytes laid out as
+    ``f.layout`` says."""
     out = {}
-    for key, t in tensors.items():
-        lo = t.data_ptr() - base
+    for key, t in f.tensors.items():
+        lo = f.layout[key]
         raw = buffer[lo : lo + t.numel() * t.element_size()]
         out[key] = raw.view(t.dtype).view(t.shape)
     return out
@@ -422,9 +454,14 @@ class LayerStream:
             self.path.release(loaded)
         self._held.clear()
         self._kept.clear()
+        self.path.close()
 
     def _next_loaded(self, index: int) -> Loaded:
         start = time.perf_counter()
+        dead = self._thread is None or not self._thread.is_alive()
+        if dead and self._ready.empty():  # a load failed (and was raised): start again
+            self._stop_thread()
+            self._start(index)
         loaded = self._take()
         if loaded.index != index:  # the previous call stopped half-way: start over at index
             log.debug(
