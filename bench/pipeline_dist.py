@@ -59,11 +59,15 @@ def _greedy_in_flight(pipeline, forward_in_flight, flight: int, tokens: int) -> 
     sessions = [pipeline.session(1, len(PROMPT) + tokens + 1) for _ in range(flight)]
     ids = [torch.tensor([PROMPT]) for _ in range(flight)]
     links, sids = pipeline.links, [s.id for s in sessions]
-    logits = forward_in_flight(links, sids, 0, ids)
+    logits = forward_in_flight(links, sids, 0, ids)  # the prefills
+    left = [tokens] * flight
+
+    def then(k: int, out: torch.Tensor) -> torch.Tensor | None:  # greedy, each on its own
+        left[k] -= 1
+        return out[:, -1:].argmax(-1) if left[k] > 0 else None  # tokens passes in all
+
     start = time.perf_counter()
-    for step in range(1, tokens + 1):
-        ids = [out[:, -1:].argmax(-1) for out in logits]
-        logits = forward_in_flight(links, sids, step, ids)
+    forward_in_flight(links, sids, 1, [out[:, -1:].argmax(-1) for out in logits], then=then)
     elapsed = time.perf_counter() - start
     for s in sessions:
         s.close()

@@ -129,7 +129,11 @@ class _QueueLink:
 
 
 class _NowLink:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
     def forward(self, session_id, step, x, mask):
+        self.calls.append((session_id, step))
         return x * 10, 0.0
 
 
@@ -143,6 +147,26 @@ def test_micro_batches_in_flight_come_back_in_order(one_at_a_time, most):
     out = forward_in_flight(links, ["a", "b", "c", "d"], 0, xs)
     assert [float(o) for o in out] == [k * 10 + 101 for k in range(4)]
     assert [link.most for link in remote] == [most, most]  # gloo: all queued at the rank
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_sequences_in_flight_go_on_step_by_step_without_a_barrier(one_at_a_time):
+    from llm_partial_run.dist import forward_in_flight
+
+    first = _NowLink()
+    links = [first, _QueueLink(1, one_at_a_time), _QueueLink(100, one_at_a_time)]
+    cycles = {0: 3, 1: 1, 2: 2}  # passes through the chain per micro-batch
+    done = dict.fromkeys(cycles, 0)
+
+    def then(k, out):
+        done[k] += 1
+        return out if done[k] < cycles[k] else None  # the output is the next input
+
+    out = forward_in_flight(links, ["a", "b", "c"], 5, [torch.tensor([1.0])] * 3, then=then)
+    one = lambda x: x * 10 + 101  # noqa: E731
+    assert [float(o) for o in out] == [one(one(one(1))), one(1), one(one(1))]
+    for sid, k in zip("abc", cycles, strict=True):  # each session's steps, in order
+        assert [step for s, step in first.calls if s == sid] == [5 + c for c in range(cycles[k])]
 
 
 # ---- ranks in processes -----------------------------------------------------------------------

@@ -583,41 +583,54 @@ def forward_in_flight(
     step: int | Sequence[int],
     xs: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None] | None = None,
+    *,
+    then: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Run one step of several sessions (micro-batches) through the chain ``links`` at once.
+    """Run several sessions (micro-batches) through the chain ``links`` at once.
 
     A :class:`RankLink` is sent the next micro-batch before the previous one's result is back,
     so while rank 2 computes micro-batch k, rank 1 computes k+1 and this process k+2 on its own
     part (over NCCL a rank is sent its next micro-batch once its last result is read:
     :attr:`RankLink.one_at_a_time`). Links without ``submit_forward`` (a LocalLink) run in this
-    thread. Returns each micro-batch's output (the last link's: logits), in order. ``step`` is
-    one step number for every session or one per session.
+    thread. ``step`` is one step number for every session or one per session.
+
+    Without ``then`` this is one step of every session. With it, ``then(k, output)`` is called
+    as soon as micro-batch k's output (the last link's: logits) is back and returns its next
+    input (run as the session's next step, no padding) or None when k is done: sequences
+    decode independently, with no barrier at each step, so the ranks stay busy. Returns each
+    micro-batch's last output, in order.
     """
     n = len(xs)
     steps = [step] * n if isinstance(step, int) else list(step)
     masks = list(masks) if masks is not None else [None] * n
     if not (len(session_ids) == len(steps) == len(masks) == n):
         raise PartialRunError("forward_in_flight needs one session id, step and mask per x")
-    stage, value = [0] * n, list(xs)
+    stage, value, out = [0] * n, list(xs), list(xs)
     pending: deque[tuple[int, PendingCall]] = deque()  # (micro-batch, call), oldest first
     busy = [0] * len(links)  # calls in flight per link
     queued: list[deque[int]] = [deque() for _ in links]  # micro-batches waiting for a link
 
     def advance(k: int) -> None:
-        while stage[k] < len(links):
-            i = stage[k]
-            link = links[i]
-            submit = getattr(link, "submit_forward", None)
-            if submit is None:
-                value[k], _ = link.forward(session_ids[k], steps[k], value[k], masks[k])
-                stage[k] += 1
-                continue
-            if busy[i] and getattr(link, "one_at_a_time", False):
-                queued[i].append(k)
-            else:
-                busy[i] += 1
-                pending.append((k, submit(session_ids[k], steps[k], value[k], masks[k])))
-            return
+        while True:
+            while stage[k] < len(links):
+                i = stage[k]
+                link = links[i]
+                submit = getattr(link, "submit_forward", None)
+                if submit is None:
+                    value[k], _ = link.forward(session_ids[k], steps[k], value[k], masks[k])
+                    stage[k] += 1
+                    continue
+                if busy[i] and getattr(link, "one_at_a_time", False):
+                    queued[i].append(k)
+                else:
+                    busy[i] += 1
+                    pending.append((k, submit(session_ids[k], steps[k], value[k], masks[k])))
+                return
+            out[k] = value[k]
+            following = None if then is None else then(k, value[k])
+            if following is None:
+                return
+            stage[k], steps[k], value[k], masks[k] = 0, steps[k] + 1, following, None
 
     for k in range(n):
         advance(k)
@@ -630,7 +643,7 @@ def forward_in_flight(
         if queued[i]:
             advance(queued[i].popleft())  # keep that rank busy first
         advance(k)
-    return value
+    return out
 
 
 class Cluster:
