@@ -59,6 +59,7 @@ INLINE_BYTES = 1 << 20
 do): each gloo message costs a handshake, so one message per call instead of three."""
 MAGIC = 0x4C4D_5052_0000_0001
 """First value of every header: ``"LMPR"`` and the wire version (1)."""
+_UNSENT_REPLIES = 4  # a worker waits on its oldest reply's send beyond this many
 MAX_NDIM = 4
 """Dimensions of a tensor that a header can describe."""
 DTYPES: tuple[torch.dtype | None, ...] = (
@@ -231,18 +232,21 @@ class _Wire:
         self.groups, self.peer = groups, peer
         self._span = datetime.timedelta(seconds=groups.timeout)
         self._buf = torch.empty(INLINE_BYTES, dtype=torch.uint8)  # receives; one reader at once
+        self._free: list[torch.Tensor] = []  # send buffers whose last send completed
 
     def send(
         self, header: Header, payload: bytes = b"", tensors: Sequence[torch.Tensor] = ()
-    ) -> list[Any]:
-        """Post a message and return its send works at once.
+    ) -> _Sent:
+        """Post a message and return at once; the caller waits on the result later.
 
         A message that fits :data:`INLINE_BYTES` goes as one buffer: header, payload and (on
-        CPU) the tensors' bytes; a larger one as the header, then the payload, then each
-        tensor. On CUDA the tensors always follow on the NCCL group. A gloo send completes only
-        once the peer posts the receive, so a caller waits on the works later (:meth:`wait`),
-        never before reading the peer's reply: two ranks sending to each other at once would
-        otherwise wait on each other.
+        CPU) the tensors' bytes, copied into a reused send buffer (a freshly allocated one per
+        message made gloo's send several times slower); a larger one as the header, then the
+        payload, then each tensor. On CUDA the tensors always follow on the NCCL group. A gloo
+        send completes only once the peer posts the receive (and a gloo work reports completion
+        only when waited on), so a caller waits (:meth:`_Sent.wait`) only after reading the
+        peer's reply, or when it has too many unwaited: two ranks sending to each other at once
+        would otherwise wait on each other.
         """
         g = self.groups
         inline_tensors = [] if g.on_cuda else [_as_bytes(t) for t in tensors]
@@ -250,9 +254,16 @@ class _Wire:
         size = HEADER_BYTES + len(payload) + sum(t.numel() for t in inline_tensors)
         inline = size <= INLINE_BYTES
         head = replace(header, nbytes=len(payload), inline=inline).to_tensor().view(torch.uint8)
+        buffer = None
         if inline:
-            pieces = [head, *([body] if body is not None else []), *inline_tensors]
-            works = [dist.isend(_joined(pieces), self.peer, group=g.headers)]
+            buffer = (
+                self._free.pop() if self._free else torch.empty(INLINE_BYTES, dtype=torch.uint8)
+            )
+            at = 0
+            for piece in (head, *([body] if body is not None else []), *inline_tensors):
+                buffer[at : at + piece.numel()].copy_(piece)
+                at += piece.numel()
+            works = [dist.isend(buffer[:at], self.peer, group=g.headers)]
             rest = list(tensors) if g.on_cuda else []
         else:
             works = [dist.isend(head, self.peer, group=g.headers)]
@@ -261,13 +272,7 @@ class _Wire:
             rest = list(tensors)
         for t in rest:
             works.append(dist.isend(t.contiguous(), self.peer, group=g.data))
-        return works
-
-    def wait(self, works: Sequence[Any], timeout: float | None = None) -> None:
-        """Wait until the sends ``works`` completed (at most ``timeout``, default the groups')."""
-        span = self._span if timeout is None else datetime.timedelta(seconds=timeout)
-        for work in works:
-            work.wait(span)
+        return _Sent(self, works, buffer)
 
     def recv(self) -> tuple[Header, bytes, torch.Tensor | None, torch.Tensor | None]:
         """The next message: its header, payload, tensor and mask (tensors on this rank's
@@ -309,16 +314,23 @@ class _Wire:
         return t
 
 
-def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """One uint8 CPU tensor of the pieces' bytes (numpy's concatenate: ~4x faster than
-    ``torch.cat`` for a decode step's 196 KB of logits)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional: torch runs without it
-        return torch.cat(pieces)
-    return torch.from_numpy(np.concatenate([p.numpy() for p in pieces]))
+class _Sent:
+    """A posted message: its send works (they hold its tensors) and its send buffer, which
+    goes back to the wire once the works are waited on."""
+
+    def __init__(self, wire: _Wire, works: list[Any], buffer: torch.Tensor | None) -> None:
+        self._wire, self._works, self._buffer = wire, works, buffer
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the message was received (at most ``timeout``, default the groups')."""
+        wire = self._wire
+        span = wire._span if timeout is None else datetime.timedelta(seconds=timeout)
+        while self._works:
+            self._works[0].wait(span)
+            self._works.pop(0)
+        if self._buffer is not None:
+            wire._free.append(self._buffer)
+            self._buffer = None
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -365,16 +377,16 @@ class PendingCall:
     the calls sent before this one to be read (by whichever thread holds them).
     """
 
-    def __init__(self, link: RankLink, ticket: int, kind: Kind, sends: list[Any]) -> None:
+    def __init__(self, link: RankLink, ticket: int, kind: Kind, sent: _Sent) -> None:
         self._link, self._ticket, self.kind = link, ticket, kind
-        self._sends = sends  # the call's send works (they hold its tensors until sent)
+        self._sent: _Sent | None = sent  # the call as posted (its works hold its tensors)
         self._reply: _Reply | None = None
 
     def reply(self) -> _Reply:
         """The raw reply (read once, then kept); NodeError when the rank failed."""
         if self._reply is None:
-            self._reply = self._link._read_reply(self._ticket, self.kind, self._sends)
-            self._sends = []
+            self._reply = self._link._read_reply(self._ticket, self.kind, self._sent)
+            self._sent = None
         return self._reply
 
     def result(self) -> tuple[torch.Tensor, float]:
@@ -501,8 +513,8 @@ class RankLink:
         header = Header(kind, a=failed_rank)
         try:
             with self._send_lock:
-                works = self._wire.send(header, reason.encode())
-            self._wire.wait(works, min(self._wire.groups.timeout, 10.0))
+                sent = self._wire.send(header, reason.encode())
+            sent.wait(min(self._wire.groups.timeout, 10.0))
         except RuntimeError as exc:
             log.debug("%s: %s not delivered: %s", self.name, kind.name, exc)
         self._stopped = NodeError(self.name, f"stopped by rank 0 ({kind.name})")
@@ -522,13 +534,13 @@ class RankLink:
             if self._failed is not None or self._stopped is not None:
                 raise self._failed or self._stopped
             try:
-                works = self._wire.send(header, payload, tensors)
+                sent = self._wire.send(header, payload, tensors)
             except RuntimeError as exc:
                 raise self._fail(f"sending {kind.name} failed: {_first_line(exc)}") from exc
             ticket = self._sent
             self._sent += 1
             self.last_used = time.monotonic()
-        return PendingCall(self, ticket, kind, works)
+        return PendingCall(self, ticket, kind, sent)
 
     def _wait_idle(self, kind: Kind) -> None:
         with self._turn:
@@ -540,14 +552,14 @@ class RankLink:
                     "time (read the last result first; forward_in_flight does)"
                 )
 
-    def _read_reply(self, ticket: int, kind: Kind, sends: list[Any]) -> _Reply:
+    def _read_reply(self, ticket: int, kind: Kind, sent: _Sent) -> _Reply:
         with self._turn:
             self._turn.wait_for(lambda: self._read == ticket or self._failed is not None)
             if self._failed is not None:
                 raise self._failed
             try:
                 header, payload, x, _ = self._wire.recv()
-                self._wire.wait(sends)  # done: the rank answered after receiving them
+                sent.wait()  # done at once: the rank answered after receiving it
             except (RuntimeError, PartialRunError) as exc:
                 raise self._fail(f"no answer to {kind.name}: {_first_line(exc)}") from exc
             finally:
@@ -745,7 +757,7 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
         raise PartialRunError("serve_rank runs on ranks > 0; rank 0 drives them (Cluster)")
     wire = _Wire(groups, 0)
     log.info("rank %d: serving %s", groups.rank, getattr(link, "name", "a part"))
-    unsent: deque[Any] = deque()  # replies' send works not known complete (rank 0 reads later)
+    unsent: deque[_Sent] = deque()  # replies not waited on (rank 0 may read them later)
     while True:
         try:
             header, payload, x, mask = wire.recv()
@@ -753,15 +765,16 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
             raise NodeError("rank 0", f"gone or silent: {_first_line(exc)}") from exc
         if header.kind == Kind.STOP:
             log.info("rank %d: stopped by rank 0", groups.rank)
-            wire.wait(unsent)  # rank 0 read every reply before it said stop
+            for sent in unsent:  # rank 0 read every reply before it said stop
+                sent.wait()
             return
         if header.kind == Kind.ABORT:
             raise NodeError(f"rank {header.a}", payload.decode(errors="replace"))
         reply, body, tensors = _execute(link, header, payload, x, mask)
         try:
-            unsent.extend(wire.send(reply, body, tensors))
-            while unsent and unsent[0].is_completed():
-                unsent.popleft().wait()  # raises if that send failed
+            unsent.append(wire.send(reply, body, tensors))
+            while len(unsent) > _UNSENT_REPLIES:  # rank 0 reads replies in order
+                unsent.popleft().wait()
         except RuntimeError as exc:
             raise NodeError("rank 0", f"gone: {_first_line(exc)}") from exc
 
