@@ -2,8 +2,9 @@
 
 Prints, side by side in one run, decode ms/token of ``llm_falcon_model`` (a part holding one
 layer) and of ``transformers``' ``FalconDecoderLayer`` with its ``DynamicCache``, and the KV-cache
-bytes per token each keeps. Both share the same random float32 weights (assigned, not copied), so
-peak memory is one layer's weights plus caches (~2.8 GiB for the 40B layer).
+bytes per token each keeps. Both start from the same random float32 weights (assigned, not copied);
+the part then packs them as ``load_part`` does (one copy), so peak memory is two copies of one
+layer's weights plus caches (~5.5 GiB for the 40B layer).
 
 Both decode the same tokens after the same prompt, interleaved token by token (the order
 alternating), and the median and minimum per-token times are reported, because the machine is
@@ -51,6 +52,7 @@ def build(shape: dict, dtype: torch.dtype):
     hf_layer.load_state_dict(weights, assign=True)
     config = FalconConfig.from_hf(hf_config.to_dict())
     part = part_from_state_dict(config, "0-1", {f"layers.0.{k}": v for k, v in weights.items()})
+    part.pack()  # as load_part does: one copy, the CPU-friendly layouts
     rotary = FalconRotaryEmbedding(hf_config)
     return hf_layer.eval(), part.eval(), rotary, hf_config
 
