@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per run")
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (medians)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per node/process")
+    parser.add_argument("--no-dist", action="store_true", help="skip the torch.distributed lines")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     directory = smollm2_dir(args.dir)
@@ -157,6 +158,20 @@ def main() -> None:
             for p in ps:
                 p.terminate()
                 p.wait()
+    if not args.no_dist:  # after the nodes are gone: the ranks get the cores to themselves
+        for line in _dist_module().dist_lines(
+            directory, tokens=args.tokens, rounds=args.rounds, threads=args.threads
+        ):
+            print(line)
+
+
+def _dist_module():
+    """bench/pipeline_dist.py , loaded by path (bench/ is not a package)."""
+    path = Path(__file__).resolve().with_name("pipeline_dist.py")
+    spec = importlib.util.spec_from_file_location("pipeline_dist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def report(runs, one, two, args) -> None:

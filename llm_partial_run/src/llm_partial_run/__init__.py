@@ -16,10 +16,12 @@ from .node import Node, serve
 from .parts import load_any_part
 from .remote import RemoteLink
 from .session import LinkTiming, LocalModel, Pipeline, Session, StepStats
+from .text import ChatTemplate, Tokenizer
 from .transport import PROTOCOL_VERSION, PartInfo, PartLink
 
 __all__ = [
     "PROTOCOL_VERSION", "Chain", "ChainError", "LinkTiming", "LocalLink", "LocalModel", "Node",
     "NodeError", "PartInfo", "PartLink", "PartialRunError", "Pipeline", "RemoteLink", "Session",
-    "SessionError", "StepStats", "check_chain", "load_any_part", "serve",
+    "SessionError", "StepStats", "ChatTemplate", "Tokenizer", "check_chain", "load_any_part",
+    "serve",
 ]  # fmt: skip
