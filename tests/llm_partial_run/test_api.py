@@ -18,6 +18,7 @@ import torch
 
 from llm_partial_run.api import ApiServer, create_app
 from llm_partial_run.batcher import Batcher, BusyError, Event, Job, Settings, _Row
+from llm_partial_run.errors import PartialRunError
 from llm_partial_run.session import LocalModel, Pipeline
 from llm_partial_run.text import Tokenizer
 from llm_sampler import SamplingConfig, generate
@@ -502,3 +503,66 @@ def test_a_failing_model_gives_server_errors_and_the_server_goes_on(tok) -> None
         reply = c.completions.create(model="fake", prompt=[20], max_tokens=4, temperature=0)
         assert reply.choices[0].text == tok.decode([21, 22, 23, 24])
         assert app.state.model.batcher.wait_idle(10)  # rows left, the batch session closed
+
+
+def listener():
+    """A job's listener that keeps its events, and an Event set once the job ended."""
+    ended = threading.Event()
+
+    def hear(e) -> None:
+        hear.events.append(e)
+        if isinstance(e, BaseException) or e.finish_reason:
+            ended.set()
+
+    hear.events = []
+    return hear, ended
+
+
+def test_a_sampler_failing_on_a_decode_step_fails_that_batch_only(tok) -> None:
+    """NaN logits make a sampled row's draw raise: the batch fails, the batcher goes on."""
+    source = FakeSource()
+    source.gate.set()
+    calls, inner = [0], FakeSession.__call__
+
+    def nan_on_the_first_decode_step(session, ids, mask):
+        calls[0] += 1
+        out = inner(session, ids, mask)
+        return out * float("nan") if calls[0] == 2 else out
+
+    b = Batcher(source, tok, max_rows=2, max_len=64, idle_close_s=0)
+    b.start()
+    try:
+        FakeSession.__call__ = nan_on_the_first_decode_step
+        sampled = Settings(max_tokens=5, sampling=SamplingConfig(temperature=1.0), seed=0)
+        failed, failed_done = listener()
+        b.submit(Job([[20]], sampled, failed))
+        assert failed_done.wait(10) and isinstance(failed.events[-1], RuntimeError)
+        events, finished = listener()
+        b.submit(Job([[10]], Settings(max_tokens=3), events))
+        assert finished.wait(10), "the batcher's thread died: the next request never ends"
+        assert "".join(e.text for e in events.events) == tok.decode([11, 12, 13])
+        assert b.wait_idle(10) and all(s.closed for s in source.sessions)
+    finally:
+        FakeSession.__call__ = inner
+        b.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_batcher_whose_thread_died_refuses_new_jobs(tok, monkeypatch) -> None:
+    source = FakeSource()
+    source.gate.set()
+    b = Batcher(source, tok, max_rows=2, max_len=64, idle_close_s=0)
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the decode thread")
+
+    monkeypatch.setattr(b, "_drop_cancelled", broken)
+    b.start()
+    try:
+        job, ended = listener()
+        b.submit(Job([[20]], Settings(max_tokens=3), job))
+        assert ended.wait(10) and isinstance(job.events[-1], Exception)  # told, not left hanging
+        with pytest.raises(PartialRunError, match="not running"):  # not queued for ever
+            b.submit(Job([[20]], Settings(max_tokens=3), job))
+    finally:
+        b.stop()

@@ -407,16 +407,16 @@ class Batcher:
         mask = torch.ones(ids.shape, dtype=torch.bool)
         try:
             logits = self._session(ids, mask)[:, -1].float()
+            self.steps += 1
+            with self._cond:
+                self._length += 1
+                for row in self._rows:
+                    row.extent += 1
+            self._take(self._rows, logits)  # a sampler may raise too (NaN logits)
         except Exception as exc:
             log.exception("decode step of %d rows failed", len(self._rows))
             self._fail_batch(exc)
             return
-        self.steps += 1
-        with self._cond:
-            self._length += 1
-            for row in self._rows:
-                row.extent += 1
-        self._take(self._rows, logits)
         self._drop_finished()
 
     def _take(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -475,6 +475,8 @@ class Batcher:
     def _shutdown(self) -> None:
         error = PartialRunError("the server is shutting down")
         with self._cond:
+            if self._thread is threading.current_thread():  # died of an error, not stop():
+                self._thread = None  # submit refuses from now on instead of queueing forever
             jobs = {id(r.job): r.job for r in self._rows}
             jobs.update({id(j): j for j in self._waiting})
             self._rows, self._waiting = [], deque()
