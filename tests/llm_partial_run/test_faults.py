@@ -150,3 +150,40 @@ def test_replay_on_a_spare_covers_keep_rows_and_join(tiny_llama):
     sessions = (faulty.session(3, 16), faulty.session(1, 16))
     assert greedy(sessions, prompts, [1], 4) == expected
     assert sessions[0].links[1] is spares[1]  # the full spare was passed over
+
+
+@pytest.mark.parametrize("noticed_by", ["joined", "running"])
+def test_a_join_after_one_session_failed_over(tiny_llama, noticed_by):
+    """One of two sessions notices the dead part and moves to the spare; joining them moves the
+    other there too (where the first is already open) and the tokens stay those of a steady run."""
+    from llm_partial_run.local import LocalLink
+    from llm_partial_run.parts import load_any_part
+
+    def link(spec):
+        return LocalLink(load_any_part(tiny_llama.directory, spec, verify=False))
+
+    if not hasattr(link("b 0-2").part.new_cache(1, 1), "join"):
+        pytest.skip("the model package's cache has no keep_rows/join yet (issue 12)")
+    prompts = [[5, 9, 2], [3, 4, 8], [8, 1, 6]]
+    steady = Pipeline([link(s) for s in tiny_llama.specs])
+    expected = greedy((steady.session(3, 16), steady.session(1, 16)), prompts, [0, 1], 4)
+    spare = link("2-4")
+    dying = DyingLink(link("2-4"), 1, "dying")  # the first prefill passes, the second fails
+    faulty = Pipeline([link("b 0-2"), dying, link("4-6 e")], spares=[spare])
+    a, b = faulty.session(3, 16), faulty.session(1, 16)
+    if noticed_by == "joined":  # a's prefill passes, b's finds the part dead
+        first_a = a(torch.tensor(prompts[:2]))[:, -1].argmax(-1)
+        first_b = b(torch.tensor(prompts[2:]))[:, -1].argmax(-1)
+        assert b.links[1] is spare and a.links[1] is dying
+    else:
+        first_b = b(torch.tensor(prompts[2:]))[:, -1].argmax(-1)
+        first_a = a(torch.tensor(prompts[:2]))[:, -1].argmax(-1)
+        assert a.links[1] is spare and b.links[1] is dying
+    a.join(b)
+    assert b.links[1] is spare
+    assert a.links[1] is spare
+    tokens = [torch.cat([first_a, first_b])]
+    for _ in range(4):
+        tokens.append(a(tokens[-1][:, None])[:, -1].argmax(-1))
+    assert torch.stack(tokens, 1).tolist() == expected
+    assert spare.stats()["sessions"] == 1  # b's session was joined, not left behind

@@ -144,8 +144,17 @@ class Session:
     def join(self, other: Session) -> None:
         """Append the rows of ``other`` (a session on the same parts) to this batch; ``other``
         is then closed. Both sessions must be at the same length: the model's cache decides."""
-        if [link.name for link in other.links] != [link.name for link in self.links]:
+        if len(other.links) != len(self.links):
             raise SessionError("join needs two sessions on the same parts")
+        for i, (mine, theirs) in enumerate(zip(self.links, other.links, strict=True)):
+            if mine.name == theirs.name:
+                continue
+            if theirs in self._spares.get(i, []):  # other failed over first: follow it there
+                self._move(i, theirs)
+            elif mine in other._spares.get(i, []):  # this one did: other follows
+                other._move(i, mine)
+            else:
+                raise SessionError("join needs two sessions on the same parts")
         for i in range(len(self.links)):
             if i in self._history:
                 self._history[i].append(("join", other.id, other.batch_size, other.max_len,
@@ -229,6 +238,17 @@ class Session:
             self.links[i] = spare
             return
         raise error
+
+    def _move(self, i: int, spare: PartLink) -> None:
+        """Move part ``i`` to ``spare`` (one of its spares, where the other session of a join
+        already is), rebuilding the cache there; the old link's TTL frees the session."""
+        self._spares[i].remove(spare)
+        try:
+            self._replay(spare, i)
+        except SessionError:
+            _quietly(spare, "close_session", self.id)
+            raise
+        self.links[i] = spare
 
     def _replay(self, link: PartLink, i: int) -> Any:
         link.open_session(self.id, *self._shape)
