@@ -180,8 +180,8 @@ def test_idle_session_expires_and_a_repeated_step_is_harmless(small_node):
     out, _ = link.forward("s", 0, ids, None)
     again, _ = link.forward("s", 0, ids, None)  # e.g. a client retrying a step it lost
     torch.testing.assert_close(again, out, atol=0, rtol=0)
-    with pytest.raises(SessionError, match="expects step 1, got 3"):
-        link.forward("s", 3, ids, None)
+    with pytest.raises(SessionError, match=f"node {address}: .*expects step 1, got 3"):
+        link.forward("s", 3, ids, None)  # the refusal names the node, as the client knows it
     deadline = time.monotonic() + 10
     while node.link.stats()["sessions"] and time.monotonic() < deadline:
         time.sleep(0.05)  # the node's reaper frees it after 0.3 s idle

@@ -78,8 +78,8 @@ class Node:
         info = part_info(loaded, arch=manifest.arch, model=self.directory.name,
                          fingerprint=fingerprint(manifest))  # fmt: skip
         self.link = LocalLink(
-            loaded, info=info, max_sessions=max_sessions, max_cache_bytes=max_cache_bytes,
-            session_ttl=session_ttl,
+            loaded, info=info, name=f"part {info.spec}", max_sessions=max_sessions,
+            max_cache_bytes=max_cache_bytes, session_ttl=session_ttl,
         )  # fmt: skip
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None

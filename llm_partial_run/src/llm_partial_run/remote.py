@@ -3,7 +3,7 @@
 Every failure to get an answer -- cannot connect, the token refused, the node died mid-call, no
 reply within the timeout -- is a :class:`NodeError` naming ``host:port``, raised within the
 timeout (never a hang). A node that answers with a refusal (unknown session, a cap, a step out
-of order, a bad input) raises :class:`SessionError` with the node's message.
+of order, a bad input) raises :class:`SessionError` naming ``host:port``, with the node's message.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ class RemoteLink:
             return self._client.call(name, *args)
         except RemoteError as exc:
             kind = exc.type_name.rsplit(".", 1)[-1]
-            if kind == "SessionError":
-                raise SessionError(exc.remote_message) from None
+            if kind == "SessionError":  # the node's own words, named as this client knows it
+                raise SessionError(f"node {self.name}: {exc.remote_message}") from None
             message = f"node {self.name} refused {name}: {kind}: {exc.remote_message}"
             raise SessionError(message) from None
         except RPCTimeoutError:
