@@ -7,6 +7,8 @@ passed to the cache; an uncached session scores like transformers.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -230,3 +232,50 @@ def test_from_parts_and_errors(tiny_llama):
         session(torch.tensor([[1, 2]]))
     with pytest.raises(SessionError, match="is closed"):
         session(torch.tensor([[1]]))
+
+
+class MeetingLock:
+    """A session lock that, once taken, waits (briefly) until the other join has taken one too:
+    the interleaving in which two joins taking their locks in opposite orders deadlock."""
+
+    def __init__(self, meeting: threading.Barrier) -> None:
+        self.lock, self.meeting = threading.Lock(), meeting
+
+    def __enter__(self):
+        self.lock.acquire()
+        try:
+            self.meeting.wait(0.5)
+        except threading.BrokenBarrierError:  # the other join waits on this lock: no meeting
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+
+def test_two_joins_in_opposite_orders_do_not_deadlock(part):
+    """A client joining a into b while another joins b into a: one wins, one is refused, and
+    neither session's lock stays taken for ever (no thread of the node is stuck)."""
+    link = LocalLink(RowPart(part))
+    link.open_session("a", 4, 8)
+    link.open_session("b", 4, 8)
+    meeting = threading.Barrier(2)
+    for sid in ("a", "b"):
+        link._sessions[sid].lock = MeetingLock(meeting)
+    errors = []
+
+    def join(first, second) -> None:
+        try:
+            link.join(first, second)
+        except SessionError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=join, args=p, daemon=True) for p in (("a", "b"), ("b", "a"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads), "the two joins deadlocked"
+    assert len(errors) == 1 and link.stats()["sessions"] == 1

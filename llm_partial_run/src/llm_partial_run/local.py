@@ -130,8 +130,7 @@ class LocalLink:
         """Run step ``step`` of the session; a repeat of the last step returns its output again."""
         session = self._session(session_id)
         with session.lock:
-            if session.cache is None:  # closed or joined while we waited
-                raise SessionError(f"{self.name}: session {session_id!r} is closed")
+            self._check_open(session_id, session)
             session.last_used = self._clock()
             if step == session.next_step - 1 and session.last is not None:
                 return session.last
@@ -165,6 +164,7 @@ class LocalLink:
             raise SessionError(f"rows must be a list of ints, got {rows!r}")
         session = self._session(session_id)
         with session.lock:
+            self._check_open(session_id, session)
             parts.keep_rows(session.cache, list(rows))
             session.last = None  # the last step's output no longer matches the rows
 
@@ -174,7 +174,10 @@ class LocalLink:
             raise SessionError(f"{self.name}: cannot join session {session_id!r} to itself")
         session = self._session(session_id)
         other = self._session(other_session_id)
-        with session.lock, other.lock:
+        first, second = sorted((session, other), key=id)  # one order: joins never deadlock
+        with first.lock, second.lock:
+            self._check_open(session_id, session)
+            self._check_open(other_session_id, other)
             parts.join(session.cache, other.cache)
             session.last = None
         with self._lock:
@@ -219,6 +222,10 @@ class LocalLink:
             self._expired.append(sid)
             log.info("%s: session %s expired after %.0f s idle", self.name, sid, self.session_ttl)
         return gone
+
+    def _check_open(self, session_id: str, session: _Session) -> None:
+        if session.cache is None:  # closed, expired or joined while we waited for its lock
+            raise SessionError(f"{self.name}: session {session_id!r} is closed")
 
     def _session(self, session_id: str) -> _Session:
         with self._lock:
