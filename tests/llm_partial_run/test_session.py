@@ -197,8 +197,12 @@ def test_keep_rows_and_join_reach_the_cache(part):
     link.join("a", "b")
     assert cache.calls == [("keep_rows", [2, 0]), ("join", 2)] and cache.rows == 4
     assert link.stats()["sessions"] == 1  # the joined session is gone
-    with pytest.raises(SessionError, match="rows must be a list of ints"):
-        link.keep_rows("a", ["x"])
+    with pytest.raises(SessionError, match="local b 0-6 e: rows must be a list of ints"):
+        link.keep_rows("a", ["x"])  # refusals name the part (over dist: "rank 2")
+    with pytest.raises(SessionError, match="local b 0-6 e: batch_size must be an int"):
+        link.open_session("c", 0, 8)
+    with pytest.raises(SessionError, match="local b 0-6 e: a session id is a string"):
+        link.open_session("", 1, 8)
 
 
 def test_keep_rows_and_join_on_a_real_cache(tiny_llama):

@@ -90,10 +90,10 @@ class LocalLink:
 
     def open_session(self, session_id: str, batch_size: int, max_len: int) -> None:
         """Make the session's KV cache; refused (SessionError) past the caps, before allocating."""
-        _check_id(session_id)
+        _check_id(self.name, session_id)
         for arg, value in (("batch_size", batch_size), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SessionError(f"{arg} must be an int >= 1, got {value!r}")
+                raise SessionError(f"{self.name}: {arg} must be an int >= 1, got {value!r}")
         need = parts.cache_bytes(self.part, batch_size, max_len)
         with self._lock:
             self._expire_locked()
@@ -161,7 +161,7 @@ class LocalLink:
     def keep_rows(self, session_id: str, rows: list[int]) -> None:
         """Keep only these rows of the session's batch, in this order."""
         if not isinstance(rows, (list, tuple)) or not all(_is_int(r) for r in rows):
-            raise SessionError(f"rows must be a list of ints, got {rows!r}")
+            raise SessionError(f"{self.name}: rows must be a list of ints, got {rows!r}")
         session = self._session(session_id)
         with session.lock:
             self._check_open(session_id, session)
@@ -278,6 +278,6 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_id(session_id: object) -> None:
+def _check_id(name: str, session_id: object) -> None:
     if not isinstance(session_id, str) or not session_id or len(session_id) > 128:
-        raise SessionError(f"a session id is a string of 1-128 chars, got {session_id!r}")
+        raise SessionError(f"{name}: a session id is a string of 1-128 chars, got {session_id!r}")
