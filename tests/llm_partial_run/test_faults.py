@@ -187,3 +187,22 @@ def test_a_join_after_one_session_failed_over(tiny_llama, noticed_by):
         tokens.append(a(tokens[-1][:, None])[:, -1].argmax(-1))
     assert torch.stack(tokens, 1).tolist() == expected
     assert spare.stats()["sessions"] == 1  # b's session was joined, not left behind
+
+
+def test_an_uncached_session_fails_over_at_open_with_the_call_shape(tiny_llama):
+    """cached=False opens a session of each call's shape; a part found dead at that open is
+    replaced by its spare opened with that shape too (not the shape the session was made with)."""
+    from llm_partial_run.local import LocalLink
+    from llm_partial_run.parts import load_any_part
+
+    def link(spec):
+        return LocalLink(load_any_part(tiny_llama.directory, spec, verify=False))
+
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3], [3, 4, 8, 6, 2, 2]])
+    steady = Pipeline([link(s) for s in tiny_llama.specs])
+    expected = steady.session(1, 4, cached=False)(ids)
+    dead = DyingLink(link("2-4"), 0, "dead")
+    faulty = Pipeline([link("b 0-2"), dead, link("4-6 e")], spares=[link("2-4")])
+    dead.calls = -1  # dead before its first session opens
+    session = faulty.session(1, 4, cached=False)  # made 1 x 4, called 2 x 6
+    torch.testing.assert_close(session(ids), expected)

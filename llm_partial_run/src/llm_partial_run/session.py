@@ -178,6 +178,7 @@ class Session:
     # ---- the parts ------------------------------------------------------------------------
 
     def _open_all(self, batch_size: int, max_len: int) -> None:
+        self._shape = (batch_size, max_len)  # before the opens: a spare taking over uses it
         opened = []
         try:
             for i in range(len(self.links)):
@@ -188,7 +189,6 @@ class Session:
                 _quietly(self.links[i], "close_session", self.id)
             raise
         self._open = True
-        self._shape = (batch_size, max_len)
 
     def _close_all(self) -> None:
         for link in self.links:
