@@ -9,6 +9,7 @@ to start; SIGTERM stops a node cleanly.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import ssl
@@ -221,3 +222,12 @@ def test_corrupt_file_refuses_to_start_and_sigterm_stops_cleanly(
     assert ok.proc.wait(30) == 0
     assert ok.proc.stderr.read() == ""
     link.close()
+
+
+def test_a_node_caps_cache_bytes_by_default(tiny_llama):
+    node = Node(tiny_llama.directory, "b 0-2", verify=False)
+    assert 0 < node.link.max_cache_bytes < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with pytest.raises(SessionError, match="cap"):
+        node.open_session("huge", 1 << 20, 1 << 20)  # ~petabytes: refused before allocating
+    node.open_session("small", 1, 8)
+    node.close_session("small")

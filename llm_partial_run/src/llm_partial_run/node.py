@@ -40,6 +40,24 @@ def read_tokenizer_files(directory: str | os.PathLike[str]) -> dict[str, bytes]:
     return Tokenizer.read_files(directory)
 
 
+def default_cache_budget(device: torch.device | str) -> int:
+    """KV-cache bytes a node allows all its sessions together unless told otherwise.
+
+    Nine tenths of the memory free on the device now (CUDA: ``mem_get_info``; CPU: the kernel's
+    MemAvailable, or half the physical memory where that cannot be read), so a cache that would
+    not fit is refused before it is allocated instead of getting the node killed.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(int(fields["MemAvailable"].split()[0]) * 1024 * 0.9)
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 class Node:
     """One part of a model and its sessions, with the node protocol's calls exposed.
 
@@ -50,6 +68,8 @@ class Node:
         verify: re-hash the part's files against the manifest before loading (default True).
         resident_layers: stream the layers' weights, at most this many on the device at once.
         max_sessions, max_cache_bytes, session_ttl: the session caps and idle time-to-live.
+            ``max_cache_bytes`` None means :func:`default_cache_budget` of the part's device, so
+            a client can never ask a node for more cache than the machine holds.
         pack: let the model package repack weights for speed (one copy at load).
 
     Raises:
@@ -77,6 +97,8 @@ class Node:
                                verify=verify, resident_layers=resident_layers)  # fmt: skip
         info = part_info(loaded, arch=manifest.arch, model=self.directory.name,
                          fingerprint=fingerprint(manifest))  # fmt: skip
+        if max_cache_bytes is None:
+            max_cache_bytes = default_cache_budget(loaded.device)
         self.link = LocalLink(
             loaded, info=info, name=f"part {info.spec}", max_sessions=max_sessions,
             max_cache_bytes=max_cache_bytes, session_ttl=session_ttl,

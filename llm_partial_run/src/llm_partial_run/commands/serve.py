@@ -30,7 +30,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str, summary: str) -> None
     p.add_argument("--resident-layers", type=int, metavar="K",
                    help="stream the layers' weights, at most K on the device at once")  # fmt: skip
     p.add_argument("--max-sessions", type=int, default=64, help="sessions at once (default 64)")
-    p.add_argument("--max-cache-bytes", type=int, help="KV-cache bytes of all sessions, at most")
+    p.add_argument(
+        "--max-cache-bytes",
+        type=int,
+        help="KV-cache bytes of all sessions, at most "
+        "(default: 90%% of the memory free on the device at start)",
+    )
     p.add_argument("--session-ttl", type=float, default=600.0,
                    help="seconds an idle session lives (default 600)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
