@@ -53,3 +53,16 @@ def smollm2_sepweight(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFacto
     # READMEs run (convert(gguf, "smollm2-sw", dtype="float32")), so tests/install reuses it
     convert(smollm2_gguf, out, dtype="float32")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf: Path):
+    """(model, tokenizer) loaded by transformers from the same GGUF (dequantized, float32), once."""
+    import transformers
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype="float32"
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model.eval(), tokenizer

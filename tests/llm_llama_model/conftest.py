@@ -1,27 +1,13 @@
 """Fixtures of the llm_llama_model tests.
 
-``smollm2_gguf`` and ``smollm2_sepweight`` (the GGUF converted once per run) come from
-tests/conftest.py; the transformers model read from the same GGUF is loaded once here.
+``smollm2_gguf``, ``smollm2_sepweight`` (the GGUF converted once per run) and
+``smollm2_transformers`` (the transformers model read from the same GGUF, once) come from
+tests/conftest.py.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-
-@pytest.fixture(scope="session")
-def smollm2_transformers(smollm2_gguf: Path):
-    """(model, tokenizer) loaded by transformers from the same GGUF (dequantized, float32), once."""
-    import transformers
-
-    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype="float32"
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), tokenizer
 
 
 @pytest.fixture(autouse=True)

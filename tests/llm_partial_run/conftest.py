@@ -187,16 +187,3 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def smollm2_transformers(smollm2_gguf: Path):
-    """(model, tokenizer) loaded by transformers from the SmolLM2 GGUF (float32), once."""
-    import transformers
-
-    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype="float32"
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), tokenizer
