@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from llm_falcon_model import FalconConfig, part_from_state_dict
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llama_decode import Ours, Theirs  # noqa: E402  (the same runners, family-agnostic)
 
 FALCON_7B = dict(
     vocab_size=65024, hidden_size=4544, num_attention_heads=71, multi_query=True,
@@ -53,35 +58,6 @@ def build(options: dict):
     unpacked = part_from_state_dict(ours, "f", state)
     packed = part_from_state_dict(ours, "f", state).pack()
     return model, packed, unpacked
-
-
-class Ours:
-    def __init__(self, part, name: str):
-        self.part, self.name, self.cache = part, name, None
-
-    def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
-        self.cache = self.part.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
-        return self.part(ids, cache=self.cache)[:, -1:].argmax(-1)
-
-    def decode(self, token: torch.Tensor) -> torch.Tensor:
-        return self.part(token, cache=self.cache)[:, -1:].argmax(-1)
-
-
-class Theirs:
-    name = "transformers"
-
-    def __init__(self, model):
-        self.model, self.past = model, None
-
-    def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
-        out = self.model(ids, use_cache=True)
-        self.past = out.past_key_values
-        return out.logits[:, -1:].argmax(-1)
-
-    def decode(self, token: torch.Tensor) -> torch.Tensor:
-        out = self.model(token, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-        return out.logits[:, -1:].argmax(-1)
 
 
 def one_round(runners, ids: torch.Tensor, steps: int, order: int, results: dict) -> dict:
