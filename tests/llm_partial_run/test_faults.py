@@ -137,9 +137,6 @@ def test_replay_on_a_spare_covers_keep_rows_and_join(tiny_llama):
     def link(spec):
         return LocalLink(load_any_part(tiny_llama.directory, spec, verify=False))
 
-    probe = link("b 0-2").part.new_cache(1, 1)
-    if not hasattr(probe, "keep_rows"):
-        pytest.skip("the model package's cache has no keep_rows/join yet (issue 12)")
     prompts = [[5, 9, 2], [3, 4, 8], [8, 1, 6]]
     steady = Pipeline([link(s) for s in tiny_llama.specs])
     expected = greedy((steady.session(3, 16), steady.session(1, 16)), prompts, [1], 4)
@@ -206,3 +203,100 @@ def test_an_uncached_session_fails_over_at_open_with_the_call_shape(tiny_llama):
     dead.calls = -1  # dead before its first session opens
     session = faulty.session(1, 4, cached=False)  # made 1 x 4, called 2 x 6
     torch.testing.assert_close(session(ids), expected)
+
+
+def local_links(tiny_llama):
+    """A function making an in-process link for a spec of the tiny Llama."""
+    from llm_partial_run.local import LocalLink
+    from llm_partial_run.parts import load_any_part
+
+    return lambda spec: LocalLink(load_any_part(tiny_llama.directory, spec, verify=False))
+
+
+class RefusingLink(DyingLink):
+    """A link that refuses (SessionError) its forward calls while ``refuse`` is set."""
+
+    refuse = False
+
+    def forward(self, *args):
+        if self.refuse:
+            raise SessionError("refused: busy")
+        return super().forward(*args)
+
+
+def decode(session, prompt, steps, each=lambda step: None):
+    """Greedy tokens of ``prompt`` over ``steps`` steps; ``each(step)`` runs before each."""
+    tokens = [session(torch.tensor([prompt]))[:, -1].argmax(-1)]
+    for step in range(steps):
+        each(step)
+        tokens.append(session(tokens[-1][:, None])[:, -1].argmax(-1))
+    return torch.cat(tokens).tolist()
+
+
+def test_a_refused_step_is_not_recorded(tiny_llama):
+    """A step the part refused is taken out of the record (the client's retry records it once);
+    the spare rebuilt from the record later gives the tokens of an undisturbed run."""
+    link = local_links(tiny_llama)
+    expected = decode(Pipeline([link(s) for s in tiny_llama.specs]).session(1, 16), [5, 9, 2], 5)
+    flaky = RefusingLink(link("2-4"), 4, "flaky")
+    session = Pipeline([link("b 0-2"), flaky, link("4-6 e")], spares=[link("2-4")]).session(1, 16)
+    tokens = [session(torch.tensor([[5, 9, 2]]))[:, -1].argmax(-1)]
+    while len(tokens) < 6:
+        flaky.refuse = len(tokens) == 2 and not flaky.refuse  # refuse step 2 once
+        try:
+            tokens.append(session(tokens[-1][:, None])[:, -1].argmax(-1))
+        except SessionError:
+            assert flaky.refuse
+            assert [entry[1] for entry in session._history[1]] == [0, 1]
+    assert session.links[1] is not flaky  # it died after 4 forwards: the spare replayed
+    assert [entry[1] for entry in session._history[1]] == [0, 1, 2, 3, 4, 5]
+    assert torch.cat(tokens).tolist() == expected
+
+
+def test_a_batch_whose_rows_all_left_starts_a_fresh_record(tiny_llama):
+    """keep_rows([]) on a session with spares reopens it empty on every part: the record does
+    not grow across batches, and failover still gives the undisturbed tokens afterwards."""
+    link = local_links(tiny_llama)
+    expected = decode(Pipeline([link(s) for s in tiny_llama.specs]).session(1, 16), [3, 4, 8], 4)
+    dying = DyingLink(link("2-4"), 10**6, "dying")
+    session = Pipeline([link("b 0-2"), dying, link("4-6 e")], spares=[link("2-4")]).session(2, 16)
+    decode(session, [5, 9, 2], 3)
+    first_id = session.id
+    session.keep_rows([])
+    assert session.id != first_id and session._history == {1: []}
+    assert dying.link.stats()["sessions"] == 1  # the old session was closed, not left behind
+    dying.calls = 2  # dies after two more forwards
+    assert decode(session, [3, 4, 8], 4) == expected
+    assert session.links[1] is not dying
+
+
+def test_a_record_past_replay_bytes_is_dropped_and_failover_is_off(tiny_llama, caplog):
+    """A session whose record passed ``replay_bytes`` keeps no record (memory stays bounded) and
+    says so; losing the part then raises NodeError naming it, as without a spare."""
+    link = local_links(tiny_llama)
+    dying = DyingLink(link("2-4"), 3, "dying")
+    pipeline = Pipeline(
+        [link("b 0-2"), dying, link("4-6 e")], spares=[link("2-4")], replay_bytes=1000
+    )
+    session = pipeline.session(1, 16)
+    with caplog.at_level("WARNING"):
+        session(torch.tensor([[5, 9, 2, 7, 1, 3, 3, 4, 8, 6]]))  # 10 x 32 floats: 1,290 bytes
+    assert "replay record of part 1 passed 1000 bytes" in caplog.text
+    assert session._history == {}
+    session(torch.tensor([[1]]))
+    session(torch.tensor([[2]]))
+    with pytest.raises(NodeError, match="dying"):
+        session(torch.tensor([[3]]))
+
+
+def test_session_stats_keep_the_first_and_the_last_steps(tiny_llama, monkeypatch):
+    """A long-running session's stats stay bounded: the first step and the last STATS_KEPT."""
+    from llm_partial_run.session import Session
+
+    monkeypatch.setattr(Session, "STATS_KEPT", 3)
+    link = local_links(tiny_llama)
+    session = Pipeline([link(s) for s in tiny_llama.specs]).session(1, 32)
+    decode(session, [5, 9, 2], 12)
+    steps = [s.step for s in session.stats]
+    assert steps[0] == 0 and steps[-1] == 12 and len(steps) <= 7
+    assert steps[-3:] == [10, 11, 12]

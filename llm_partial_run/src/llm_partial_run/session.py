@@ -10,7 +10,10 @@ and the HTTP API never know whether the parts sit in this process or on other ma
 
 Failover: a part listed twice (or given in ``spares=``) has a spare. Each step's inputs to such a
 part are recorded; when the part fails (:class:`NodeError`), the session opens on the spare,
-replays the recorded inputs there (rebuilding the spare's KV cache) and goes on.
+replays the recorded inputs there (rebuilding the spare's KV cache) and goes on. The record is
+bounded: a step a part refused is taken out of it, a batch whose rows have all left starts a
+fresh record (the session reopens, empty, on every part), and a record past ``replay_bytes``
+is dropped with a warning: that session goes on without failover for that part.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from .local import LocalLink, part_info
 from .transport import PartInfo, PartLink
 
 log = logging.getLogger(__name__)
+
+# A session's replay record (the inputs to a part with a spare) is dropped past this many bytes.
+DEFAULT_REPLAY_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,11 @@ class Session:
     from an empty cache (each call opens a fresh session of the call's shape), so the session
     is a stateless forward function, as ``llm_sampler.score_continuations`` needs.
 
-    Made by :meth:`Pipeline.session`; ``stats`` holds the timing of every step.
+    Made by :meth:`Pipeline.session`; ``stats`` holds the timing of the first step and of the
+    last ``STATS_KEPT`` ones (a session serving traffic for days must not grow without bound).
     """
+
+    STATS_KEPT = 4096
 
     def __init__(
         self,
@@ -90,6 +99,7 @@ class Session:
         spares: dict[int, list[PartLink]] | None = None,
         cached: bool = True,
         session_id: str | None = None,
+        replay_bytes: int = DEFAULT_REPLAY_BYTES,
     ) -> None:
         self.links = list(links)
         self.batch_size = batch_size
@@ -100,6 +110,8 @@ class Session:
         self.step = 0
         self._spares = {i: list(s) for i, s in (spares or {}).items()}
         self._history: dict[int, list[tuple]] = {i: [] for i in self._spares}
+        self._recorded = dict.fromkeys(self._spares, 0)  # bytes of tensors in each record
+        self.replay_bytes = replay_bytes
         self._open = False
         self._closed = False
         self._shape = (batch_size, max_len)  # of the sessions open on the parts
@@ -121,24 +133,36 @@ class Session:
         x, timings = ids, []
         for i in range(len(self.links)):
             if i in self._history:
-                self._history[i].append(("forward", self.step, x, mask))
+                self._record(i, ("forward", self.step, x, mask), x.nbytes + mask.nbytes)
             called = time.perf_counter()
-            x, compute = self._forward(i, x, mask)
+            try:
+                x, compute = self._forward(i, x, mask)
+            except BaseException:
+                if i in self._history:  # the part did not take this step: no replay of it
+                    self._history[i].pop()
+                raise
             wall = time.perf_counter() - called
             timings.append(LinkTiming(self.links[i].name, compute, max(0.0, wall - compute)))
         if x.device != ids.device:  # logits come back where the ids were (e.g. parts on a GPU)
             x = x.to(ids.device)
         wall = time.perf_counter() - start
         self.stats.append(StepStats(self.step, int(ids.shape[1]), wall, tuple(timings)))
+        if len(self.stats) > 2 * self.STATS_KEPT:
+            del self.stats[1 : len(self.stats) - self.STATS_KEPT]
         self.step += 1
         return x
 
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Keep only these rows of the batch, in this order, on every part."""
         rows = [int(r) for r in rows]
+        if not rows and self.cached and any(self._history.values()):
+            # Every row left: the caches are empty, so a fresh session on every part is the
+            # same state, and its replay record starts empty instead of growing for ever.
+            self._reset(*self._shape)
+            return
         for i in range(len(self.links)):
             if i in self._history:
-                self._history[i].append(("keep_rows", rows))
+                self._record(i, ("keep_rows", rows), 0)
             self._call(i, "keep_rows", self.id, rows)
 
     def join(self, other: Session) -> None:
@@ -157,8 +181,9 @@ class Session:
                 raise SessionError("join needs two sessions on the same parts")
         for i in range(len(self.links)):
             if i in self._history:
-                self._history[i].append(("join", other.id, other.batch_size, other.max_len,
-                                         list(other._history.get(i, []))))  # fmt: skip
+                entry = ("join", other.id, other.batch_size, other.max_len,
+                         list(other._history.get(i, [])))  # fmt: skip
+                self._record(i, entry, other._recorded.get(i, 0))
             self._call(i, "join", self.id, other.id)
         other._open = False
         other._closed = True
@@ -201,7 +226,23 @@ class Session:
         self.id = uuid.uuid4().hex
         self.step = 0
         self._history = {i: [] for i in self._spares}
+        self._recorded = dict.fromkeys(self._spares, 0)
         self._open_all(batch_size, max_len)
+
+    def _record(self, i: int, entry: tuple, nbytes: int) -> None:
+        """Add ``entry`` to part ``i``'s replay record; past ``replay_bytes``, drop the record
+        and the part's spares for this session (failover would need the whole record)."""
+        self._recorded[i] += nbytes
+        if self._recorded[i] <= self.replay_bytes:
+            self._history[i].append(entry)
+            return
+        log.warning(
+            "session %s: the replay record of part %d passed %d bytes; this session goes on "
+            "without failover for that part (its spares stay for new sessions)",
+            self.id[:8], i, self.replay_bytes,
+        )  # fmt: skip
+        del self._history[i], self._recorded[i]
+        self._spares.pop(i, None)
 
     def _forward(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         return self._call(i, "forward", self.id, self.step, x, mask)
@@ -305,6 +346,8 @@ class Pipeline:
         timeout: seconds each call may take before the node is declared dead (NodeError).
         spares: more nodes (addresses or links), each holding the same part as one of ``nodes``.
         ssl_context: a client-side ``ssl.SSLContext`` for TLS nodes.
+        replay_bytes: bytes of recorded inputs a session keeps per part with a spare (see the
+            module doc); past them that session loses failover for that part.
 
     Raises:
         NodeError: a node cannot be reached or refuses the token.
@@ -319,8 +362,10 @@ class Pipeline:
         timeout: float = 60.0,
         spares: Sequence[str | PartLink] = (),
         ssl_context: Any = None,
+        replay_bytes: int = DEFAULT_REPLAY_BYTES,
     ) -> None:
         self._owned: list[PartLink] = []
+        self.replay_bytes = replay_bytes
         _check_distinct([*nodes, *spares])
         try:
             primary = [self._link(n, token, timeout, ssl_context) for n in nodes]
@@ -357,8 +402,9 @@ class Pipeline:
     def session(self, batch_size: int = 1, max_len: int = 1024, *, cached: bool = True) -> Session:
         """A new session of up to ``batch_size`` rows and ``max_len`` positions on every part."""
         return Session(
-            self.chain.links, batch_size, max_len, spares=self.chain.spares, cached=cached
-        )
+            self.chain.links, batch_size, max_len, spares=self.chain.spares, cached=cached,
+            replay_bytes=self.replay_bytes,
+        )  # fmt: skip
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The tokenizer files of the model, from the first part that has them ({} if none)."""
