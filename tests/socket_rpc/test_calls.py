@@ -114,6 +114,29 @@ def test_binds_loopback_by_default() -> None:
     server.close()
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_serves_on_ipv6(host: str) -> None:
+    """An IPv6 host binds an IPv6 socket (not the IPv4 default); "::" also serves IPv4 where
+    the system allows both on one socket."""
+    with make_server(host=host) as server:
+        port = server.address[1]
+        assert ":" in server.address[0]
+        with Client("::1", port) as client:
+            assert client.call("add", 2, 3) == 5
+        if host == "::" and socket.has_dualstack_ipv6():
+            with Client("127.0.0.1", port) as client:
+                assert client.call("add", 4, 3) == 7
+
+
 def test_proxy_does_not_turn_private_names_into_calls(client: Client) -> None:
     with pytest.raises(AttributeError):
         client._private  # noqa: B018

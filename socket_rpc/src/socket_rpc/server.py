@@ -108,7 +108,7 @@ class Server:
         self._loop_started = False
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = socket.socketpair()
-        self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self._listener = _listen(host, port)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
 
     # ---- exposure -------------------------------------------------------------------------
@@ -360,3 +360,16 @@ class Server:
             "traceback": tb,
         }
         return pack(header)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` (an IPv4 or IPv6 address or a name; ``"::"`` serves
+    IPv6 and, where the system allows, IPv4 too)."""
+    if host == "::" and socket.has_dualstack_ipv6():
+        return socket.create_server(
+            (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=True
+        )
+    family = socket.AF_INET
+    if host:  # "" is every IPv4 interface
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=128, reuse_port=False)
