@@ -18,6 +18,7 @@ import transformers
 import llm_falcon_model
 import llm_llama_model
 from llm_sepweight import PartSpecError, dump, find_architecture, load, read_manifest
+from llm_sepweight.stfile import map_file, write_file
 from llm_slice_core import CacheError, InputError, KVCache, SliceError, WeightsError
 
 VOCAB = 61
@@ -247,6 +248,50 @@ def test_set_layer_weights_assigns_without_a_copy_when_not_packing(stored):
         part.set_layer_weights(1, {k: v.double() for k, v in tensors.items()})
     with pytest.raises(IndexError, match="slot 2"):
         part.set_layer_weights(2, tensors)
+
+
+def test_packed_layer_states_adopted_from_files_equal_the_resident_packed_part(stored, tmp_path):
+    """A layer's packed state, written once and mapped back, is adopted with no copy; the part
+    then computes bit for bit as the resident packed part (what packed streaming relies on)."""
+    _, directory = stored
+    resident = load_any(directory, "f")
+    streamed = load_any(directory, "f", layers=False)
+    files = load(directory, "f")
+    for i in range(len(streamed.layers)):
+        state = streamed.packed_layer_state(i, files.layers[i])
+        assert {k: tuple(v.shape) for k, v in state.items()} == streamed.packed_layer_shapes(i)
+        own = resident.packed_layer_state(i)  # the resident pack's own tensors (views)
+        assert own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in own)
+        write_file(tmp_path / f"{i}.safetensors", state)
+        mapped = map_file(tmp_path / f"{i}.safetensors")
+        streamed.set_layer_weights(i, mapped, packed=True)
+        ours = {p.data_ptr() for p in streamed.layers[i].parameters()}
+        assert {t.data_ptr() for t in mapped.values()} <= ours  # adopted: no copy
+    ids, mask = left_pad(PROMPTS)
+    caches = [resident.new_cache(3, 10), streamed.new_cache(3, 10)]
+    for _ in range(2):
+        want, got = resident(ids, mask, caches[0]), streamed(ids, mask, caches[1])
+        assert torch.equal(got, want)
+        ids, mask = want[:, -1:].argmax(-1), None
+
+
+def test_set_layer_weights_refuses_a_packed_state_that_does_not_fit(stored):
+    _, directory = stored
+    part = load_any(directory, "0-2", layers=False)
+    state = part.packed_layer_state(0, load(directory, "0-1").layers[0])
+    key = next(k for k in state if k.endswith(".weight_t"))
+    bad = [
+        ({k: v for k, v in state.items() if k != key}, "missing"),
+        ({**state, key: state[key][:-1]}, "shape"),
+        ({k: v.double() for k, v in state.items()}, "float64"),
+        ({**state, key: state[key].t().contiguous().t()}, "contiguous"),
+    ]
+    for tensors, message in bad:
+        with pytest.raises(WeightsError, match=message):
+            part.set_layer_weights(1, tensors, packed=True)
+        assert all(p.is_meta for p in part.layers[1].parameters())
+    with pytest.raises(WeightsError, match="holds no weights"):
+        part.packed_layer_state(1)
 
 
 # -- rows leave and join a running batch -----------------------------------------------------------

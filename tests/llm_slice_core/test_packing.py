@@ -1,4 +1,5 @@
-"""Linears: packed equals unpacked; bias after the product; stale packs are dropped."""
+"""Linears: packed equals unpacked; bias after the product; stale packs are dropped; a pack
+exported and adopted again without a copy."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm_slice_core import Linears
-from llm_slice_core.packing import drop_stale, pack
+from llm_slice_core import Linears, WeightsError
+from llm_slice_core.packing import drop_stale, named_groups, pack
 
 
 def layers(bias: bool) -> list[nn.Linear]:
@@ -59,3 +60,48 @@ def test_replaced_parameters_leave_a_stale_pack_that_is_dropped():
     assert not group.packed
     x = torch.randn(2, 12)
     torch.testing.assert_close(group(x)[:, :8], module.q.bias.expand(2, 8), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_an_exported_pack_is_adopted_without_a_copy_and_computes_the_same(bias, transpose):
+    lins = layers(bias) if transpose else layers(bias)[:1]
+    packed = Linears(*lins, transpose=transpose)
+    packed.pack()
+    stored = packed.export()
+    assert set(stored) == set(packed.stored_shapes())
+    assert all(t.is_contiguous() and tuple(t.shape) == packed.stored_shapes()[k]
+               for k, t in stored.items())  # fmt: skip
+    built = Linears(*lins, transpose=transpose).packed_form(
+        [lin.weight for lin in lins], [lin.bias for lin in lins]
+    )
+    assert all(torch.equal(built[k], stored[k]) for k in stored)
+    copies = {k: v.clone() for k, v in stored.items()}
+    fresh = Linears(*layers(bias)[: len(lins)], transpose=transpose)
+    fresh.adopt(copies)
+    assert fresh.packed and fresh.intact()
+    ptrs = {p.data_ptr() for lin in fresh.linears for p in lin.parameters()}
+    assert copies["weight_t" if transpose else "weight"].data_ptr() in ptrs
+    x = torch.randn(3, 12)
+    assert torch.equal(fresh(x), packed(x))
+
+
+def test_adopt_refuses_tensors_that_do_not_fit():
+    group = Linears(*layers(True))
+    stored = Linears(*layers(True)).packed_form(
+        [lin.weight for lin in group.linears], [lin.bias for lin in group.linears]
+    )
+    with pytest.raises(WeightsError, match="bias"):
+        group.adopt({"weight_t": stored["weight_t"]})
+    with pytest.raises(WeightsError, match="contiguous"):
+        group.adopt({**stored, "weight_t": stored["weight_t"].t().contiguous().t()})
+    assert not group.packed
+
+
+def test_named_groups_name_the_attribute_paths():
+    module = nn.Module()
+    module.inner = nn.Module()
+    module.inner.q, module.inner.k = layers(False)[:2]
+    module.inner.both = Linears(module.inner.q, module.inner.k)
+    module.top = Linears(layers(False)[2])
+    assert [name for name, _ in named_groups(module)] == ["top", "inner.both"]

@@ -8,13 +8,23 @@ just gets memory of its own in its own layout. The layers' parameters become vie
 packed matrix, so state-dict names and ``load_state_dict`` (which copies into them) keep working.
 Replacing a parameter (``load_state_dict(assign=True)``, ``.to(dtype)``) leaves the pack stale:
 :meth:`Linears.intact` turns False and :func:`drop_stale` makes the group use the layers again.
+
+A pack can be stored and used again without a copy: :meth:`Linears.export` gives the packed
+tensors (``weight_t [in, sum(out)]``, or ``weight [out, in]`` for an output projection, and
+``bias``), :meth:`Linears.packed_form` builds them from a checkpoint's tensors, and
+:meth:`Linears.adopt` makes given tensors (e.g. views of a memory-mapped file) the pack, the
+layers' parameters views into them as after :meth:`Linears.pack`. :func:`named_groups` names a
+module's groups (``"self_attn.qkv"``), the prefixes of their keys in a stored packed state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
+from .errors import WeightsError
 from .products import product
 
 
@@ -98,6 +108,73 @@ class Linears:
         """Compute from the layers' own parameters again (they keep whatever memory they have)."""
         self.weight_t = self.bias = None
 
+    def stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors :meth:`export` gives and :meth:`adopt` takes:
+        ``weight_t [in, sum(out)]`` (or, for an output projection, ``weight [out, in]``: its
+        packed memory in its own layout) and ``bias [sum(out)]`` when the layers have biases."""
+        inputs = self.linears[0].in_features
+        total = sum(lin.out_features for lin in self.linears)
+        shapes = {"weight_t": (inputs, total)} if self.transpose else {"weight": (total, inputs)}
+        if self.linears[0].bias is not None:
+            shapes["bias"] = (total,)
+        return shapes
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The packed tensors, contiguous, keyed as :meth:`stored_shapes` says: what a packed
+        file holds for this group. Views of the pack when packed, else built (one copy)."""
+        if self.weight_t is None:
+            pieces = [(lin.weight, lin.bias) for lin in self.linears]
+            return self.packed_form([w for w, _ in pieces], [b for _, b in pieces])
+        weight = self.weight_t if self.transpose else self.weight_t.t()
+        out = {"weight_t" if self.transpose else "weight": weight}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def packed_form(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`export`'s tensors built from the layers' ``weight`` / ``bias`` tensors given
+        in the group's order (e.g. views of a checkpoint file; one copy, as :meth:`pack` makes).
+        """
+        with torch.no_grad():
+            if self.transpose:
+                weight = torch.cat([w.t() for w in weights], dim=1).contiguous()
+                out = {"weight_t": weight}
+            else:
+                out = {"weight": weights[0].contiguous()}
+            if biases[0] is not None:
+                out["bias"] = torch.cat(list(biases)).contiguous()
+        return out
+
+    def adopt(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Compute from the given packed tensors (as :meth:`export` gives them) without a copy:
+        they become the pack and the layers' parameters become views into them, exactly as after
+        :meth:`pack`. Raises :class:`~.errors.WeightsError` for wrong keys, shapes or layouts."""
+        shapes = self.stored_shapes()
+        if set(tensors) != set(shapes):
+            raise WeightsError(
+                f"a packed group takes tensors {sorted(shapes)}, got {sorted(tensors)}"
+            )
+        for key, shape in shapes.items():
+            t = tensors[key]
+            if tuple(t.shape) != shape or not t.is_contiguous():
+                raise WeightsError(
+                    f"packed {key!r} must be a contiguous {shape}, got "
+                    f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}"
+                )
+        weight_t = tensors["weight_t"] if self.transpose else tensors["weight"].t()
+        bias = tensors.get("bias")
+        offset = 0
+        for lin in self.linears:
+            rows = lin.out_features
+            lin.weight = nn.Parameter(weight_t[:, offset : offset + rows].t(), requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
+            offset += rows
+        self.weight_t, self.bias = weight_t, bias
+        self._pointers = self._current()
+
     def _current(self) -> list[int]:
         pointers = [lin.weight.data_ptr() for lin in self.linears]
         return pointers + [lin.bias.data_ptr() for lin in self.linears if lin.bias is not None]
@@ -112,6 +189,17 @@ def groups(module: nn.Module) -> list[Linears]:
     found = []
     for sub in module.modules():
         found += [v for v in vars(sub).values() if isinstance(v, Linears)]
+    return found
+
+
+def named_groups(module: nn.Module) -> list[tuple[str, Linears]]:
+    """Every :class:`Linears` of ``module`` with its name: the attribute's path from ``module``
+    (``"self_attn.qkv"``), the prefix of its tensors' keys in a packed state."""
+    found = []
+    for prefix, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, Linears):
+                found.append((f"{prefix}.{attr}" if prefix else attr, value))
     return found
 
 

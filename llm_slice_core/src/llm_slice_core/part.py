@@ -170,7 +170,7 @@ class ModelPart(nn.Module):
         if not layers:
             expected = {k: v for k, v in expected.items() if not k.startswith("layers.")}
             part._weightless = set(range(len(part.layers)))
-        _check_state(expected, state, f"part {part.spec}")
+        _check_state(_shapes(expected), state, f"part {part.spec}")
         part.load_state_dict(state, strict=layers, assign=True)
         first = next(iter(state.values()), None)
         device = torch.device(device if device is not None else first.device if first is not None
@@ -183,13 +183,23 @@ class ModelPart(nn.Module):
     def assigned_to(self, device: torch.device) -> None:
         """Called once the weights are assigned: tie the head, move non-weight buffers."""
 
-    def set_layer_weights(self, i: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Give layer slot ``i`` its weights (keys as in its ``mid`` file), without a copy; when
-        the part packs (``load_part(..., pack=True)``), they are packed (one copy)."""
+    def set_layer_weights(
+        self, i: int, tensors: Mapping[str, torch.Tensor], *, packed: bool = False
+    ) -> None:
+        """Give layer slot ``i`` its weights, without a copy, on the part's device and dtype.
+
+        ``tensors`` are keyed as in the layer's ``mid`` file (``"self_attn.q_proj.weight"``);
+        when the part packs (``load_part(..., pack=True)``) they are packed (one copy). With
+        ``packed=True`` they are the layer's packed state instead, keyed as
+        :meth:`packed_layer_state` gives it (e.g. views of a file it was written to): adopted
+        as they are, no copy, and the layer then computes exactly as a resident packed layer,
+        whether or not the part packs. Wrong keys, shapes, dtypes or layouts raise
+        :class:`WeightsError` and leave the slot weightless.
+        """
         layer = self._layer(i)
         self._release(i)
-        expected = {k: v for k, v in layer.state_dict().items()}
-        _check_state(expected, tensors, f"layer slot {i}")
+        expected = self.packed_layer_shapes(i) if packed else _shapes(layer.state_dict())
+        _check_state(expected, tensors, f"layer slot {i}{' (packed)' if packed else ''}")
         if tensors:
             dtype, device = next(iter(tensors.values())).dtype, next(iter(tensors.values())).device
             if (dtype, device) != (self.dtype, self.device):
@@ -197,11 +207,74 @@ class ModelPart(nn.Module):
                     f"tensors for layer slot {i} are {dtype} on {device}, the part is "
                     f"{self.dtype} on {self.device}"
                 )
-        layer.load_state_dict(tensors, assign=True)
-        layer.requires_grad_(False)
-        if self.packs:
-            self._groups[i] = packing.pack(layer)
+        if packed:
+            self._adopt(i, layer, tensors)
+        else:
+            layer.load_state_dict(tensors, assign=True)
+            layer.requires_grad_(False)
+            if self.packs:
+                self._groups[i] = packing.pack(layer)
         self._weightless.discard(i)
+
+    def _adopt(self, i: int, layer: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        named = packing.named_groups(layer)
+        prefixes = [f"{name}." for name, _ in named]
+        rest = {k: v for k, v in tensors.items() if not k.startswith(tuple(prefixes))}
+        try:
+            for name, group in named:
+                group.adopt({k: tensors[f"{name}.{k}"] for k in group.stored_shapes()})
+        except WeightsError as exc:
+            self.drop_layer_weights(i)
+            raise WeightsError(f"layer slot {i}: {exc}") from None
+        layer.load_state_dict(rest, strict=False, assign=True)
+        layer.requires_grad_(False)
+        self._groups[i] = [group for _, group in named]
+
+    def packed_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of layer slot ``i``'s packed state (:meth:`packed_layer_state`),
+        known without its weights (e.g. to check a stored one)."""
+        layer = self._layer(i)
+        grouped = _grouped_keys(layer)
+        shapes = {k: s for k, s in _shapes(layer.state_dict()).items() if k not in grouped}
+        for name, group in packing.named_groups(layer):
+            shapes.update({f"{name}.{k}": s for k, s in group.stored_shapes().items()})
+        return shapes
+
+    def packed_layer_state(
+        self, i: int, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Layer slot ``i``'s weights in packed form, contiguous: each :class:`~.packing.Linears`
+        group's packed tensors under the group's name (``"self_attn.qkv.weight_t"``, see
+        :meth:`~.packing.Linears.export`), every other tensor under its own key.
+
+        Built from ``tensors`` (keyed as the layer's ``mid`` file, e.g. views of it: one copy of
+        the grouped weights; the slot may be weightless and is left as it is), or, with
+        ``tensors`` None, from the slot's own weights (views when it is packed). This is what
+        :meth:`set_layer_weights` takes with ``packed=True``: a streaming driver writes it to a
+        file once and gives the part that file's mapped tensors on every pass, with no copy.
+        """
+        layer = self._layer(i)
+        own = tensors is None
+        if tensors is None:
+            if i in self._weightless:
+                raise WeightsError(f"layer slot {i} holds no weights: pass its tensors")
+            tensors = layer.state_dict()
+        else:
+            _check_state(_shapes(layer.state_dict()), tensors, f"layer slot {i}")
+        grouped = _grouped_keys(layer)
+        out = {k: v.contiguous() for k, v in tensors.items() if k not in grouped}
+        names = {id(module): name for name, module in layer.named_modules()}
+        for name, group in packing.named_groups(layer):
+            if own:
+                packed = group.export()
+            else:
+                keys = [names[id(lin)] for lin in group.linears]
+                packed = group.packed_form(
+                    [tensors[f"{k}.weight"] for k in keys],
+                    [tensors.get(f"{k}.bias") for k in keys],
+                )
+            out.update({f"{name}.{k}": v for k, v in packed.items()})
+        return out
 
     def drop_layer_weights(self, i: int) -> None:
         """Make layer slot ``i`` weightless again (on ``meta``); its tensors are released."""
@@ -281,8 +354,22 @@ def _place(t: torch.Tensor, device, dtype) -> torch.Tensor:
     return t if device is None else t.to(device)
 
 
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _grouped_keys(layer: nn.Module) -> set[str]:
+    """State-dict keys of the linear layers ``layer``'s :class:`~.packing.Linears` group."""
+    linears = {id(lin) for _, group in packing.named_groups(layer) for lin in group.linears}
+    keys = set()
+    for name, module in layer.named_modules():
+        if id(module) in linears:
+            keys.update(f"{name}.{k}" for k, _ in module.named_parameters(recurse=False))
+    return keys
+
+
 def _check_state(
-    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str
+    expected: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor], what: str
 ) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -291,10 +378,10 @@ def _check_state(
             f"weights do not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        if tuple(tensor.shape) != tuple(expected[key]):
             raise WeightsError(
                 f"weight {key!r} has shape {tuple(tensor.shape)}, {what} wants "
-                f"{tuple(expected[key].shape)}"
+                f"{tuple(expected[key])}"
             )
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:
