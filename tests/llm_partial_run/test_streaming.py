@@ -1,5 +1,6 @@
 """Streamed parts (llm_partial_run.streaming): the same logits and tokens as resident parts, with
-at most K layers' weights in the process."""
+at most K layers' weights in the process; packed layer files made once, reused, made again when
+damaged. Packed files go to a temporary XDG_CACHE_HOME (never the user's cache)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_partial_run import packed_layers
 from llm_partial_run.errors import PartialRunError
 from llm_partial_run.streaming import StreamedPart, load_streamed
 from llm_sampler import generate, score_continuations
@@ -60,6 +62,13 @@ def assert_scores(got, want) -> None:
     assert_same([got.token_logprobs, got.total], [want.token_logprobs, want.total])
 
 
+@pytest.fixture(autouse=True)
+def _packed_cache(tmp_path_factory, monkeypatch):
+    """Packed layer files made by default go under a temporary cache folder (kept for the
+    session, so each model's files are made once), also for the processes tests start."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
 @pytest.fixture(params=["tiny_llama", "tiny_falcon"])
 def tiny(request):
     return request.getfixturevalue(request.param).directory
@@ -67,34 +76,87 @@ def tiny(request):
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_tiny_streamed_logits_and_tokens_equal_resident(tiny, k):
-    ref = resident(tiny, pack=False)  # the same products as the streamed layers (unpacked)
-    want = steps(ref, *padded())
-    tokens = greedy(resident(tiny))  # the default (packed) resident part's tokens
-    for prefetch in (True, False):
-        with load_streamed(tiny, resident_layers=k, prefetch=prefetch) as part:
-            assert_same(steps(part, *padded()), want)
-            assert greedy(part) == tokens
-            assert part.stats.layers == part.stats.calls * 6
+    packed, unpacked = resident(tiny), resident(tiny, pack=False)
+    want = {True: steps(packed, *padded()), False: steps(unpacked, *padded())}
+    tokens = greedy(packed)
+    for pack in (True, False):  # packed layer files (the default) / the model's own files
+        for prefetch in (True, False):
+            with load_streamed(tiny, resident_layers=k, prefetch=prefetch, pack=pack) as part:
+                assert part.packed_files == pack
+                assert_same(steps(part, *padded()), want[pack])
+                assert greedy(part) == tokens
+                assert part.stats.layers == part.stats.calls * 6
 
 
-def test_tiny_streamed_packed_equals_packed_resident(tiny):
-    want = steps(resident(tiny), *padded())
-    with load_streamed(tiny, resident_layers=2, pack=True) as part:
-        assert_same(steps(part, *padded()), want)
+def test_the_default_streams_packed_files_from_the_cache_folder(tiny_llama):
+    folder = packed_layers.default_packed_dir()
+    with load_streamed(tiny_llama.directory, resident_layers=2) as part:
+        assert part.packed_files
+        assert all(f.path.parent == folder for f in part.files)
+        assert_same(steps(part, *padded()), steps(resident(tiny_llama.directory), *padded()))
 
 
-def test_tiny_streamed_with_a_dtype_change_equals_resident(tiny):
-    want = steps(resident(tiny, pack=False, dtype=torch.float64), *padded())
-    with load_streamed(tiny, resident_layers=2, dtype=torch.float64) as part:
+def test_tiny_streamed_with_a_dtype_change_equals_resident(tiny, tmp_path):
+    want = steps(resident(tiny, dtype=torch.float64), *padded())
+    with load_streamed(tiny, resident_layers=2, dtype=torch.float64, packed_dir=tmp_path) as part:
         assert part.dtype == torch.float64
         assert_same(steps(part, *padded()), want)
+        assert part.stats.bytes["convert"] == 0  # the files were made in float64
+        assert all(".float64." in f.path.name for f in part.files)
+    want = steps(resident(tiny, pack=False, dtype=torch.float64), *padded())
+    with load_streamed(tiny, resident_layers=2, dtype=torch.float64, pack=False) as part:
+        assert_same(steps(part, *padded()), want)
         assert part.stats.bytes["convert"] > 0
+
+
+def test_packed_files_are_reused_and_made_again_when_damaged(tiny_llama, tmp_path):
+    directory = tiny_llama.directory
+    want = steps(resident(directory), *padded())
+    with load_streamed(directory, resident_layers=2, packed_dir=tmp_path) as part:
+        paths = [f.path for f in part.files]
+    assert sorted(tmp_path.iterdir()) == sorted(paths)  # no temporaries left
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
+    with load_streamed(directory, resident_layers=2, packed_dir=tmp_path) as part:
+        assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths] == stamps  # reused
+        assert_same(steps(part, *padded()), want)
+    inodes = [p.stat().st_ino for p in paths]  # a file made again is a new file (renamed)
+    size = paths[1].stat().st_size
+    with open(paths[1], "r+b") as f:
+        f.truncate(size - 10)  # truncated
+    with open(paths[2], "r+b") as f:
+        f.write(b"\xff" * 12)  # a garbled header
+    with open(paths[3], "r+b") as f:  # a flipped byte in the data: found with verify=True
+        f.seek(size - 100)
+        byte = f.read(1)
+        f.seek(size - 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with load_streamed(directory, resident_layers=2, packed_dir=tmp_path) as part:
+        fresh = [p.stat().st_ino for p in paths]
+        assert [a != b for a, b in zip(fresh, inodes, strict=True)] == [0, 1, 1, 0, 0, 0]
+    with load_streamed(directory, resident_layers=2, packed_dir=tmp_path, verify=True) as part:
+        assert [p.stat().st_ino != fresh[i] for i, p in enumerate(paths)] == [0, 0, 0, 1, 0, 0]
+        assert_same(steps(part, *padded()), want)
+    assert paths[1].stat().st_size == size
+
+
+def test_packed_files_that_do_not_fit_the_disk_are_refused_before_writing(
+    tiny_llama, tmp_path, monkeypatch
+):
+    usage = packed_layers.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(packed_layers.shutil, "disk_usage", lambda _: usage._replace(free=10**6))
+    with pytest.raises(PartialRunError, match=r"GB free.*--packed-dir.*--no-pack"):
+        load_streamed(tiny_llama.directory, resident_layers=2, packed_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(PartialRunError, match="cannot make the packed layer folder"):
+        load_streamed(tiny_llama.directory, resident_layers=2, packed_dir=not_a_folder / "x")
 
 
 def test_all_layers_resident_loads_each_once(tiny):
     with load_streamed(tiny, resident_layers=6) as part:
         assert not part.prefetch
-        assert_same(steps(part, *padded()), steps(resident(tiny, pack=False), *padded()))
+        assert_same(steps(part, *padded()), steps(resident(tiny), *padded()))
         loaded = part.stats.bytes["map"]
         steps(part, *padded())
         assert part.stats.bytes["map"] == loaded == sum(part.layer_bytes())
@@ -102,7 +164,7 @@ def test_all_layers_resident_loads_each_once(tiny):
 
 def test_middle_and_end_parts_chain(tiny_llama):
     directory = tiny_llama.directory
-    want = steps(resident(directory, pack=False), *padded())
+    want = steps(resident(directory), *padded())
     parts = [load_streamed(directory, spec, resident_layers=1) for spec in tiny_llama.specs]
 
     class Chain:
@@ -135,14 +197,14 @@ def test_surface_of_a_part(tiny_llama):
 def test_scoring_equals_resident(tiny_llama):
     prompts = [[5, 6, 7], [8, 9], [1]]
     continuations = [[10, 11], [12], [13, 14, 15]]
-    want = score_continuations(resident(tiny_llama.directory, pack=False), prompts, continuations)
+    want = score_continuations(resident(tiny_llama.directory), prompts, continuations)
     with load_streamed(tiny_llama.directory, resident_layers=2) as part:
         got = score_continuations(part, prompts, continuations)
     assert_scores(got, want)
 
 
 def test_a_call_failing_half_way_leaves_the_stream_usable(tiny_llama, monkeypatch):
-    want = steps(resident(tiny_llama.directory, pack=False), *padded())
+    want = steps(resident(tiny_llama.directory), *padded())
     with load_streamed(tiny_llama.directory, resident_layers=2) as part:
         layer = part.part.layers[3]
         monkeypatch.setattr(layer, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
@@ -154,7 +216,7 @@ def test_a_call_failing_half_way_leaves_the_stream_usable(tiny_llama, monkeypatc
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_a_failed_load_raises_and_the_next_call_works(tiny_llama, prefetch):
-    want = steps(resident(tiny_llama.directory, pack=False), *padded())
+    want = steps(resident(tiny_llama.directory), *padded())
     with load_streamed(tiny_llama.directory, resident_layers=2, prefetch=prefetch) as part:
         path = part._stream.path
         load = path.load
@@ -219,21 +281,41 @@ def smollm2_resident(smollm2_sepweight):
     return resident(smollm2_sepweight, pack=False), resident(smollm2_sepweight)
 
 
+@pytest.fixture(scope="module")
+def smollm2_packed_dir(smollm2_sepweight, tmp_path_factory):
+    """A folder of SmolLM2's packed layer files, made once for this module."""
+    folder = tmp_path_factory.mktemp("smollm2-packed")
+    load_streamed(smollm2_sepweight, resident_layers=1, packed_dir=folder).close()
+    return folder
+
+
+SMOL_PROMPTS = [[1, 9690, 28, 1380, 314, 260], [1, 504, 3458]]
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_smollm2_streamed_equals_resident(smollm2_sepweight, smollm2_resident, k):
+def test_smollm2_streamed_equals_resident(smollm2_sepweight, smollm2_resident, smollm2_packed_dir,
+                                          k):  # fmt: skip
     unpacked, packed = smollm2_resident
-    prompts = [[1, 9690, 28, 1380, 314, 260], [1, 504, 3458]]
-    with load_streamed(smollm2_sepweight, resident_layers=k) as part:
-        assert_same(steps(part, *padded(prompts)), steps(unpacked, *padded(prompts)))
-        assert greedy(part, prompts, 8) == greedy(packed, prompts, 8)
+    want = steps(packed, *padded(SMOL_PROMPTS))
+    tokens = greedy(packed, SMOL_PROMPTS, 8)
+    for prefetch in (True, False):
+        with load_streamed(smollm2_sepweight, resident_layers=k, prefetch=prefetch,
+                           packed_dir=smollm2_packed_dir) as part:  # fmt: skip
+            assert_same(steps(part, *padded(SMOL_PROMPTS)), want)
+            assert greedy(part, SMOL_PROMPTS, 8) == tokens
+    with load_streamed(smollm2_sepweight, resident_layers=k, pack=False) as part:
+        assert_same(steps(part, *padded(SMOL_PROMPTS)), steps(unpacked, *padded(SMOL_PROMPTS)))
+        assert greedy(part, SMOL_PROMPTS, 8) == tokens
 
 
-def test_smollm2_streamed_scoring_equals_resident(smollm2_sepweight, smollm2_resident):
-    unpacked, _ = smollm2_resident
+def test_smollm2_streamed_scoring_equals_resident(smollm2_sepweight, smollm2_resident,
+                                                  smollm2_packed_dir):  # fmt: skip
+    _, packed = smollm2_resident
     prompts = [[1, 9690, 28, 1380], [1, 504, 3458], [1, 22]]
     continuations = [[314, 260], [28], [1380, 314, 260, 11]]
-    want = score_continuations(unpacked, prompts, continuations)
-    with load_streamed(smollm2_sepweight, resident_layers=2) as part:
+    want = score_continuations(packed, prompts, continuations)
+    with load_streamed(smollm2_sepweight, resident_layers=2,
+                       packed_dir=smollm2_packed_dir) as part:  # fmt: skip
         got = score_continuations(part, prompts, continuations)
     assert_scores(got, want)
 
@@ -242,11 +324,12 @@ _PEAK = textwrap.dedent(
     """
     import sys, torch
     from llm_sepweight import find_architecture, read_manifest
-    mode, directory = sys.argv[1], sys.argv[2]
+    mode, directory, packed_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
-    if mode == "streamed":
+    if mode.startswith("streamed"):
         from llm_partial_run.streaming import load_streamed
-        part = load_streamed(directory, resident_layers=2)
+        part = load_streamed(directory, resident_layers=2, pack=mode == "streamed",
+                             packed_dir=packed_dir)
     else:
         load_part = find_architecture(name=read_manifest(directory).arch).load_part
         part = load_part(directory, "f", pack=mode == "packed")
@@ -261,27 +344,36 @@ _PEAK = textwrap.dedent(
 )
 
 
-def _peak_rss(mode: str, directory: Path) -> int:
-    out = subprocess.run([sys.executable, "-c", _PEAK, mode, str(directory)],
+def _peak_rss(mode: str, directory: Path, packed_dir: Path) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK, mode, str(directory), str(packed_dir)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return int(out.stdout.split()[-1])
 
 
-def test_smollm2_k2_peak_rss_below_resident_by_the_layers_not_held(smollm2_sepweight):
+def test_smollm2_k2_peak_rss_below_resident_by_the_layers_not_held(smollm2_sepweight, tmp_path):
     """Peak RSS (VmHWM, which counts the file pages mapped into the process; the page cache
     itself is the kernel's) of a streamed K=2 run vs the resident model, in subprocesses.
 
-    Against the default resident model (packed: one copy of the weights) the drop must be at
-    least the bytes of the 28 layers not held, with no slack (measured: ~97 MB to spare).
-    Against the unpacked resident model (the same products, every layer mapped) the margin is
-    one layer's bytes (allocator and page-granularity noise; measured drop: the bound itself).
+    Streamed from packed layer files (the default; made by the first run, in that process:
+    the bound holds while they are made too) against the resident packed model (one copy of
+    the weights): the drop must be at least the bytes of the 28 layers not held, with no slack.
+    Streamed from the model's own files against the unpacked resident model (the same
+    products, every layer mapped): the margin is one layer's bytes (allocator and
+    page-granularity noise; measured drop: the bound itself).
     """
-    with load_streamed(smollm2_sepweight, resident_layers=2) as part:
+    with load_streamed(smollm2_sepweight, resident_layers=2, pack=False) as part:
         sizes = part.layer_bytes()
     not_held = sum(sizes) - 2 * max(sizes)
-    streamed = _peak_rss("streamed", smollm2_sepweight)
-    assert _peak_rss("packed", smollm2_sepweight) - streamed >= not_held
-    assert _peak_rss("unpacked", smollm2_sepweight) - streamed >= not_held - max(sizes)
+    making = _peak_rss("streamed", smollm2_sepweight, tmp_path)  # makes the packed files
+    assert len(list(tmp_path.iterdir())) == len(sizes)
+    streamed = _peak_rss("streamed", smollm2_sepweight, tmp_path)
+    packed = _peak_rss("packed", smollm2_sepweight, tmp_path)
+    assert packed - streamed >= not_held
+    assert packed - making >= not_held
+    unpacked = _peak_rss("unpacked", smollm2_sepweight, tmp_path)
+    assert unpacked - _peak_rss("streamed-unpacked", smollm2_sepweight, tmp_path) >= (
+        not_held - max(sizes)
+    )
 
 
 def test_node_serving_resident_layers_gives_the_same_tokens(tiny_llama, node_process):
