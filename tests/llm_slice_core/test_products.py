@@ -1,13 +1,16 @@
-"""The block product of decode steps (llm_slice_core.products) and its custom op."""
+"""The products of decode steps (llm_slice_core.products): oneDNN for several rows, blocks for
+one, torch's own where oneDNN is missing; the blocks' custom op."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
-from llm_slice_core import SPLIT_MAX_ROWS, product, thread_splits
+from llm_slice_core import SPLIT_MAX_ROWS, Linears, product, products, thread_splits
 
 
 @pytest.fixture
@@ -74,3 +77,82 @@ def test_the_compiled_graphs_operator_is_the_sameproduct():
     assert torch.autograd.gradcheck(
         lambda a, b: torch.ops.llm_slice_core.product_in_blocks(a, b, 4), (x, w)
     )
+
+
+def group_of(transpose: bool, bias: bool) -> Linears:
+    """Two layers 24 -> 40 and 24 -> 8 side by side, or one 24 -> 40 output projection."""
+    gen = torch.Generator().manual_seed(7)
+    outs = (40, 8) if transpose else (40,)
+    lins = [nn.Linear(24, n, bias=bias).requires_grad_(False) for n in outs]
+    with torch.no_grad():
+        for lin in lins:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+            if bias:
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
+    return Linears(*lins, transpose=transpose)
+
+
+@pytest.mark.skipif(not products._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_products_of_1_to_16_rows_equal_the_matrix_product(
+    threads, packed, transpose, bias, residual
+):
+    """Rows 2.. run on oneDNN (the bias fused), 1 row on torch; every layout, both equal x @ w."""
+    group = group_of(transpose, bias)
+    if packed:
+        group.pack()
+    w = torch.cat([lin.weight for lin in group.linears]).t()  # [24, M]
+    b = torch.cat([lin.bias for lin in group.linears]) if bias else torch.zeros(w.shape[1])
+    gen = torch.Generator().manual_seed(3)
+    for rows in range(1, SPLIT_MAX_ROWS + 1):
+        x = torch.randn(rows, 24, generator=gen)
+        h = torch.randn(rows, w.shape[1], generator=gen) if residual else None
+        expected = x.double() @ w.double() + b.double() + (0 if h is None else h.double())
+        if not packed:
+            assert products.onednn_suits(x, group.linears[0].weight.t()) == (rows > 1)
+        got = group(x, products.thread_splits(rows, x.device, x.dtype), residual=h)
+        torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_onednn_path_and_the_fallback_agree(monkeypatch):
+    """Both paths give the same products (fp32 rounding apart); where the op is missing every
+    product takes torch's own path."""
+    calls = []
+    if products._ONEDNN_LINEAR is not None:
+        real = products._ONEDNN_LINEAR
+        monkeypatch.setattr(
+            products, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args)
+        )
+    group = group_of(True, True)
+    group.pack()
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
+    fast = group(x, 2)
+    taken = len(calls)
+    assert taken == (0 if products._ONEDNN_LINEAR is None else 1)
+    monkeypatch.setattr(products, "_ONEDNN_LINEAR", None)
+    assert not products.onednn_suits(x, group.weight_t)
+    torch.testing.assert_close(group(x, 2), fast, atol=1e-5, rtol=1e-5)
+    assert len(calls) == taken  # the fallback did not touch oneDNN
+
+
+def test_a_torch_without_onednn_linear_is_found_out(monkeypatch):
+    monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace())  # a build without the op
+    assert products._find_onednn_linear() is None
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert products._find_onednn_linear() is None
+
+
+def test_products_wanting_a_gradient_or_other_dtypes_keep_torchs_path():
+    x, w = torch.randn(4, 8), torch.randn(8, 6)
+    assert products.onednn_suits(x, w) == (products._ONEDNN_LINEAR is not None)
+    assert not products.onednn_suits(x[:1], w)  # one row: torch.mm reads the pack faster
+    assert not products.onednn_suits(x.bfloat16(), w.bfloat16())
+    assert not products.onednn_suits(x.double(), w.double())
+    assert not products.onednn_suits(x, torch.randn(8, 12)[:, ::2])  # neither layout
+    assert not products.onednn_suits(x, w.requires_grad_())
+    with torch.no_grad():
+        assert products.onednn_suits(x, w) == (products._ONEDNN_LINEAR is not None)

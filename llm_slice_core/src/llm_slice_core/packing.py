@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
-from .products import product
+from .products import onednn_product, onednn_suits, product
 
 
 class Linears:
@@ -65,7 +65,11 @@ class Linears:
         return out if residual is None else out.add_(residual)
 
     def _affine(self, x, w_t, bias, splits: int, residual) -> torch.Tensor:
-        if splits > 1:
+        if onednn_suits(x, w_t):  # several rows on a CPU (see products): oneDNN
+            fuse = bias is not None and not self.bias_after
+            out = onednn_product(x, w_t, bias if fuse else None)
+            bias = None if fuse else bias
+        elif splits > 1:
             out = product(x, w_t, splits)
         elif residual is not None:
             out, residual = torch.addmm(residual, x, w_t), None

@@ -1,8 +1,13 @@
-"""Matrix products of decode steps on several CPU threads: one batched product of blocks.
+"""Matrix products of decode steps on CPU: oneDNN for a few rows, one block per thread for one.
 
-torch's CPU matrix-vector product runs on one thread. A decode step's products (a few input
-rows) are cut instead into one block of the weight per thread and run as one ``torch.bmm``, which
-torch spreads over its threads. Prefill (more rows) is already multi-threaded and is not cut.
+A decode step streams every weight through products of a few input rows, and torch's own CPU
+products are slow there: one row runs single-threaded, and 2-16 rows read the weight at half the
+speed oneDNN does. So a float32 CPU product of :data:`ONEDNN_MIN_ROWS` rows or more runs as
+oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, its own threads, the bias fused) on the
+weight as it is stored, packed or not (no copy; see :func:`onednn_suits`). A product of one row
+is cut instead into one block of the weight per thread and run as one ``torch.bmm``, which torch
+spreads over its threads (:func:`product`). Where this torch has no oneDNN linear, every product
+takes torch's own path.
 """
 
 from __future__ import annotations
@@ -11,6 +16,50 @@ import torch
 
 # A CPU product with this many input rows or fewer (decoding, short prompts) is cut into blocks.
 SPLIT_MAX_ROWS = 16
+# A float32 CPU product with at least this many input rows runs on oneDNN (one row: torch.mm on
+# the packed layout reads faster; 2 rows and up, oneDNN reads 1.1-2.5x faster than torch.mm on one
+# thread and than the blocks on two, measured from 2 to 512 rows; see bench/products.py).
+ONEDNN_MIN_ROWS = 2
+
+
+def _find_onednn_linear():
+    """oneDNN's linear op when this torch has one that works here, else None (checked once)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise.default
+        out = op(torch.ones(2, 3), torch.ones(4, 3), torch.ones(4), "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.equal(out, torch.full((2, 4), 4.0)) else None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def onednn_suits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when ``x [N, K] @ w [K, M]`` runs faster on oneDNN (:func:`onednn_product`): the op
+    exists, a float32 CPU product of :data:`ONEDNN_MIN_ROWS` rows or more, ``w`` stored
+    contiguous either way round (a packed ``[in, out]`` or a layer's ``[out, in]`` seen
+    transposed), no gradient wanted (oneDNN's op has none) and not in a compiled graph."""
+    return (
+        _ONEDNN_LINEAR is not None
+        and x.shape[0] >= ONEDNN_MIN_ROWS
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x.device.type == "cpu"
+        and (w.is_contiguous() or w.t().is_contiguous())
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and not torch.compiler.is_compiling()  # (inductor lowers the op only on frozen weights)
+    )
+
+
+def onednn_product(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [N, K] @ w [K, M] + bias`` as oneDNN's linear on ``w``'s memory (no copy); only where
+    :func:`onednn_suits` says so."""
+    return _ONEDNN_LINEAR(x, w.t(), bias, "none", [], "")
 
 
 @torch.compiler.disable
