@@ -211,7 +211,7 @@ def rank_main(args: argparse.Namespace) -> None:
     sockets = Pipeline(args.nodes.split(","))
     found: dict[str, list] = {"dist": [], "socket": [], "flight": [], "one": [], "batch": []}
     with Cluster(groups) as cluster:
-        pipeline = Pipeline([link, *cluster.links])
+        pipeline = Pipeline(cluster.chain(link))
         for source in (pipeline, sockets, model):
             decode(source, 4)  # warm up
         _greedy_in_flight(pipeline, forward_in_flight, args.flight, 2)

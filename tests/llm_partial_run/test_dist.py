@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_partial_run.dist import DTYPES, HEADER_LEN, MAGIC, Header, Kind
 from llm_partial_run.errors import ChainError, PartialRunError
 from llm_partial_run.launch import auto_parts, plan_parts
+from llm_partial_run.wire import DTYPES, HEADER_BYTES, MAGIC, Header, Kind, Status
 from llm_sepweight import Manifest
 
 HERE = Path(__file__).resolve()
@@ -40,35 +40,41 @@ CALLS_TIMEOUT = 6.0  # in the calls scenario, which idles past it once
 
 
 def test_header_round_trips_every_field():
-    header = Header(Kind.FORWARD, session=7, step=3, a=2, b=64, x_dtype=torch.bfloat16,
-                    x_shape=(2, 5, 576), mask=True, nbytes=11, nanos=12345, status=0)  # fmt: skip
-    t = header.to_tensor()
-    assert t.dtype == torch.int64 and t.shape == (HEADER_LEN,) and int(t[0]) == MAGIC
-    assert Header.from_tensor(t) == header
+    header = Header(Kind.FORWARD, session=7, step=3, a=2, b=64, first=1, last=2,
+                    x_dtype=torch.bfloat16, x_shape=(2, 5, 576), mask=True, nbytes=11,
+                    nanos=12345, status=Status.REFUSED, inline=True, hops=3)  # fmt: skip
+    raw = header.to_bytes()
+    assert len(raw) == HEADER_BYTES and int.from_bytes(raw[:8], "little") == MAGIC
+    assert Header.unpack_from(raw) == header
+    buffer = bytearray(HEADER_BYTES + 5)
+    header.pack_into(buffer, 5)
+    assert Header.unpack_from(buffer, 5) == header
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d is not None])
 def test_header_carries_every_dtype(dtype):
-    header = Header(Kind.OK, x_dtype=dtype, x_shape=(1, 2, 3))
-    assert Header.from_tensor(header.to_tensor()).x_dtype == dtype
+    header = Header(Kind.FORWARD, x_dtype=dtype, x_shape=(1, 2, 3))
+    assert Header.unpack_from(header.to_bytes()).x_dtype == dtype
 
 
 def test_a_foreign_header_is_refused_with_the_reason():
-    bad = Header(Kind.PING).to_tensor()
-    bad[0] = 1234
-    with pytest.raises(PartialRunError, match="not llm_partial_run wire version 1"):
-        Header.from_tensor(bad)
-    bad = Header(Kind.PING).to_tensor()
-    bad[1] = 55  # no such kind
+    bad = bytearray(Header(Kind.PING).to_bytes())
+    bad[0:8] = (0x4C4D_5052_0000_0001).to_bytes(8, "little")  # wire version 1
+    with pytest.raises(PartialRunError, match="not llm_partial_run wire version 2"):
+        Header.unpack_from(bad)
+    bad = bytearray(Header(Kind.PING).to_bytes())
+    bad[8] = 55  # no such kind
     with pytest.raises(PartialRunError, match="malformed header"):
-        Header.from_tensor(bad)
+        Header.unpack_from(bad)
+    with pytest.raises(PartialRunError, match=f"a header is {HEADER_BYTES} bytes, got 3"):
+        Header.unpack_from(b"abc")
 
 
 def test_a_tensor_the_header_cannot_describe_is_refused():
     with pytest.raises(PartialRunError, match="at most 4"):
-        Header(Kind.OK, x_dtype=torch.float32, x_shape=(1, 1, 1, 1, 1)).to_tensor()
+        Header(Kind.FORWARD, x_dtype=torch.float32, x_shape=(1, 1, 1, 1, 1)).to_bytes()
     with pytest.raises(PartialRunError, match="cannot be sent"):
-        Header(Kind.OK, x_dtype=torch.complex64, x_shape=(1,)).to_tensor()
+        Header(Kind.FORWARD, x_dtype=torch.complex64, x_shape=(1,)).to_bytes()
 
 
 # ---- planning the parts -----------------------------------------------------------------------
@@ -285,6 +291,8 @@ class FakePart:
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
     def new_cache(self, batch_size: int, max_len: int) -> FakeCache:
+        if self.rank == 2 and max_len == 999:
+            raise ValueError("no cache of 999 positions here")
         return FakeCache(batch_size, max_len)
 
     def cache_bytes(self, batch_size: int, max_len: int) -> int:
@@ -342,20 +350,33 @@ def _scenario_calls(local, cluster) -> dict:
     from llm_partial_run.session import Pipeline
 
     found: dict = {}
-    pipeline = Pipeline([cluster.links[1], local, cluster.links[0]])  # ordered by the chain
-    found["chain"] = [link.name for link in pipeline.links]
-    found["infos"] = [info.spec for info in pipeline.infos]
+    per_rank = Pipeline([cluster.links[1], local, cluster.links[0]])  # ordered by the chain
+    found["chain"] = [link.name for link in per_rank.links]
+    found["infos"] = [info.spec for info in per_rank.infos]
+    with per_rank.session(batch_size=1, max_len=8) as session:
+        found["per_rank"] = session(torch.tensor([[1]])).tolist()
+    pipeline = Pipeline(cluster.chain(local))  # rank 0's part, then ranks 1-2 as one link
+    found["merged"] = [link.name for link in pipeline.links]
+    found["merged_infos"] = [info.spec for info in pipeline.infos]
+    chain = pipeline.links[1]
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
     with pipeline.session(batch_size=2, max_len=16) as session:
         found["step0"] = session(ids, mask).tolist()
+        before, ends = cluster.stats(), (cluster.ring.sender.sent, cluster.ring.receiver.received)
         found["step1"] = session(ids[:, -1:], None).tolist()
+        ends_after = (cluster.ring.sender.sent, cluster.ring.receiver.received)
+        after = cluster.stats()
+        found["rank0_messages"] = [b - a for a, b in zip(ends, ends_after, strict=True)]
+        found["rank_messages"] = [
+            {k: v - a[k] if k in ("received", "sent", "ran", "passed") else v for k, v in b.items()}
+            for a, b in zip(before, after, strict=True)
+        ]
         session.keep_rows([1])
         found["kept"] = session(ids[:1, -1:], None).tolist()
-        rank2 = cluster.links[1]
-        found["repeat"] = rank2.forward(session.id, 2, torch.ones(1, 1, 4), None)[0].tolist()
+        found["repeat"] = chain.forward(session.id, 2, torch.ones(1, 1, 4), None)[0].tolist()
         try:
-            rank2.forward(session.id, 9, torch.ones(1, 1, 4), None)
+            chain.forward(session.id, 9, torch.ones(1, 1, 4), None)
         except SessionError as exc:
             found["out_of_order"] = str(exc)
     with pipeline.session(batch_size=1, max_len=8) as session:
@@ -372,19 +393,23 @@ def _scenario_calls(local, cluster) -> dict:
     xs = [torch.tensor([[k]]) for k in range(4)]
     outs = forward_in_flight(pipeline.links, [s.id for s in sessions], 0, xs)
     found["in_flight"] = [o.tolist() for o in outs]
-    found["bf16"] = cluster.links[0].forward(sessions[0].id, 1,
-                                             torch.full((1, 1, 4), 1.5, dtype=torch.bfloat16),
-                                             None)[0].dtype.__repr__()  # fmt: skip
+    x = torch.full((1, 1, 4), 1.5, dtype=torch.bfloat16)
+    found["bf16"] = repr(chain.forward(sessions[0].id, 1, x, None)[0].dtype)
     for s in sessions:
         s.close()
     rank1 = cluster.links[0]  # a message over INLINE_BYTES goes as header, payload, tensors
     big = torch.randn(2, 300, 1024)
     big_mask = torch.rand(2, 300) > 0.5
     rank1.open_session("big", 2, 300)
-    out, _ = rank1.forward("big", 0, big, big_mask)
+    out, _ = rank1.forward("big", 0, big, big_mask)  # rank 2 passes it on to rank 0
     row_offset = torch.tensor([0.0, 100.0])[:, None, None]  # FakeCache's
     found["big"] = torch.equal(out, (big * 2 + row_offset) * big_mask[..., None])
     rank1.close_session("big")
+    try:  # rank 2 fails to open a session rank 1 opened: rank 1 closes it again
+        chain.open_session("refused", 1, 999)
+    except SessionError as exc:
+        found["open_refused"] = str(exc)
+    found["sessions_left_ranks"] = [s["sessions"] for s in cluster.stats()]
     with pipeline.session(batch_size=1, max_len=8) as session:
         session(torch.tensor([[1]]))
         time.sleep(2 * CALLS_TIMEOUT)  # idle past the ranks' timeout: the heartbeat keeps them
@@ -397,7 +422,7 @@ def _scenario_idle(local, cluster) -> dict:
     """A few steps, then rank 0 idles (as an API server between requests) until killed."""
     from llm_partial_run.session import Pipeline
 
-    with Pipeline([local, *cluster.links]).session(batch_size=1, max_len=8) as session:
+    with Pipeline(cluster.chain(local)).session(batch_size=1, max_len=8) as session:
         for step in range(4):
             session(torch.tensor([[1]]), None)
             print(f"step {step}", flush=True)
@@ -409,7 +434,7 @@ def _scenario_idle(local, cluster) -> dict:
 def _scenario_kill(local, cluster) -> dict:
     from llm_partial_run.session import Pipeline
 
-    pipeline = Pipeline([local, *cluster.links])
+    pipeline = Pipeline(cluster.chain(local))
     with pipeline.session(batch_size=1, max_len=1 << 20) as session:
         for step in range(1 << 20):
             session(torch.tensor([[1]]), None)
@@ -457,6 +482,32 @@ def test_a_repeated_step_answers_again_and_a_wrong_step_is_refused(fake_calls):
     found, _ = fake_calls
     assert found["repeat"] == found["kept"]  # rank 2 answered step 2 from its last output
     assert "expects step 3, got 9" in found["out_of_order"]
+
+
+def test_consecutive_ranks_make_one_link_and_hidden_states_go_rank_to_rank(fake_calls):
+    found, _ = fake_calls
+    assert found["merged"] == ["rank 0", "ranks 1-2"]
+    assert found["merged_infos"] == ["b 0-1", "1-3 e"]
+    # one decode step: rank 0 sent one message (to rank 1) and received one (from rank 2);
+    # rank 1 took it from rank 0 and sent its hidden states to rank 2, which sent the logits
+    # to rank 0 (the second STATS call is counted too: it went round the same way)
+    assert found["rank0_messages"] == [1, 1]
+    assert found["rank_messages"] == [
+        {"rank": 1, "from": 0, "to": 2, "received": 2, "sent": 2, "ran": 2, "passed": 0,
+         "sessions": 1, "cache_bytes": 8 * 2 * 16},
+        {"rank": 2, "from": 1, "to": 0, "received": 2, "sent": 2, "ran": 2, "passed": 0,
+         "sessions": 1, "cache_bytes": 8 * 2 * 16},
+    ]  # fmt: skip
+    # a link per rank still works (each call goes round the ring; the other rank passes it)
+    assert found["per_rank"] == _expected([[1]], [[1]], 0, [0])
+
+
+def test_a_session_a_later_rank_cannot_open_is_closed_on_the_earlier_ones(fake_calls):
+    found, _ = fake_calls
+    assert found["open_refused"] == (
+        "rank 2: cannot make a cache of 7992 bytes: no cache of 999 positions here"
+    )
+    assert found["sessions_left_ranks"] == [0, 0]
 
 
 def test_a_failing_call_comes_back_as_an_error_and_the_rank_goes_on(fake_calls):

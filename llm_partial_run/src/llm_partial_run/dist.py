@@ -1,31 +1,30 @@
-"""Fixed clusters on torch.distributed: parts on ranks, driven from rank 0 through PartLinks.
+"""Fixed clusters on torch.distributed: parts on ranks in a ring, driven from rank 0.
 
-Every rank holds one part. Ranks above 0 run :func:`serve_rank`, a loop that receives calls from
-rank 0 and runs them on a :class:`~llm_partial_run.local.LocalLink` of their part (so sessions,
-KV caches and step numbers behave exactly as on a socket node). Rank 0 holds a
-:class:`RankLink` per other rank -- a :class:`~llm_partial_run.transport.PartLink` -- and drives
-the same :class:`~llm_partial_run.session.Session` as the socket pipeline, so the sampler, the
+Every rank holds one part. The ranks form a ring: rank r receives only from rank r-1 and sends
+only to rank r+1 (the last rank to rank 0). Rank 0 sends a call to rank 1; each rank runs it on
+a :class:`~llm_partial_run.local.LocalLink` of its part when it is one of the call's ranks
+(``first..last``) and passes the result on, so a step's hidden states go rank to rank along the
+chain and the last rank's logits come back to rank 0: N transfers for N ranks (a star through
+rank 0 makes 2(N-1)). Rank 0 holds a :class:`RanksLink` -- a
+:class:`~llm_partial_run.transport.PartLink` -- for consecutive ranks (:meth:`Cluster.chain`:
+one for ranks 1..N-1 when the ranks hold the parts in chain order) and drives the same
+:class:`~llm_partial_run.session.Session` as the socket pipeline, so the sampler, the
 ``generate`` CLI and the HTTP API run unchanged on top (:mod:`llm_partial_run.launch`).
 
-The wire, with nothing pickled: a call is a fixed header of :data:`HEADER_LEN` int64 values
-(:class:`Header`: magic and wire version, call kind, session number, step, two arguments, the
-dtype code and shape of a tensor, whether a mask follows, the length of a byte payload), then
-the byte payload (UTF-8 JSON or text) and then the tensors' bytes -- all in one buffer when they
-fit :data:`INLINE_BYTES` (a decode step's always do), else as separate messages. Headers and
-byte payloads travel on a gloo group (CPU); hidden states on the data group: gloo on CPU, NCCL
-on CUDA (device tensors, never through the host). A reply is a header of kind ``OK`` or
-``ERROR`` followed the same way by its payload and tensor. A rank answers its calls in the order
-they came, so a :class:`RankLink` matches replies to calls by order alone, and several calls may
-be in flight on one link (:meth:`RankLink.submit_forward`, :func:`forward_in_flight`): rank 0
-sends micro-batch k+1 before k's result is back and the ranks compute at the same time.
+The messages are :mod:`llm_partial_run.wire`'s. Each rank handles calls in the order they
+come, so a call's result comes back to rank 0 in the order calls were sent: several may be in
+flight at once (:meth:`RanksLink.submit_forward`, :func:`forward_in_flight`) and the ranks
+compute different micro-batches at the same time. A rank that refuses a call (SessionError, or
+any exception) marks it with an error status and the ranks after it pass it on untouched.
 
 Faults: every receive waits at most ``timeout`` seconds; a peer that dies closes its gloo
-connections and the waiting side fails at once. Rank 0 raises
-:class:`~llm_partial_run.errors.NodeError` naming the rank, tells every other rank to stop with
-that error (``ABORT``) and exits; a worker that loses rank 0 exits naming rank 0. While rank 0
-is idle a heartbeat pings each idle rank every ``timeout / 3`` seconds, so a worker's wait never
-times out on a healthy cluster and a rank that dies between requests is noticed. Recovery is
-torchrun's: ``--max-restarts N`` restarts the whole group, which reloads every part.
+connections and the waiting side fails at once. A rank that loses its predecessor sends an
+``ABORT`` naming it on round the ring and exits; rank 0 raises
+:class:`~llm_partial_run.errors.NodeError` naming the failed rank and sends ``ABORT`` round the
+ring (:meth:`Cluster.abort`). While rank 0 is idle a heartbeat sends a ``PING`` round the ring
+every ``timeout / 3`` seconds, so a rank's wait never times out on a healthy cluster and a rank
+that dies between requests is noticed. Recovery is torchrun's: ``--max-restarts N`` restarts
+the whole group, which reloads every part.
 """
 
 from __future__ import annotations
@@ -40,124 +39,21 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from enum import IntEnum
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from llm_sepweight import PartSpec
+
 from .errors import NodeError, PartialRunError, SessionError
 from .transport import PartInfo, PartLink
+from .wire import Header, Kind, Message, Pool, Receiver, Sender, Sent, Status, described
 
 log = logging.getLogger(__name__)
 
-HEADER_LEN = 17
-"""int64 values in a header."""
-HEADER_BYTES = HEADER_LEN * 8
-INLINE_BYTES = 1 << 20
-"""A message up to this size travels as one buffer (a decode step's hidden states and logits
-do): each gloo message costs a handshake, so one message per call instead of three."""
-MAGIC = 0x4C4D_5052_0000_0001
-"""First value of every header: ``"LMPR"`` and the wire version (1)."""
-_UNSENT_REPLIES = 4  # a worker waits on its oldest reply's send beyond this many
-MAX_NDIM = 4
-"""Dimensions of a tensor that a header can describe."""
-DTYPES: tuple[torch.dtype | None, ...] = (
-    None, torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-    torch.bool, torch.uint8, torch.int8, torch.int16,
-)  # fmt: skip
-"""A tensor's dtype travels as its index here (0: no tensor)."""
-
-
-class Kind(IntEnum):
-    """What a header is: a call from rank 0, or a worker's reply."""
-
-    INFO = 1
-    OPEN_SESSION = 2
-    FORWARD = 3
-    CLOSE_SESSION = 4
-    KEEP_ROWS = 5
-    JOIN = 6
-    PING = 7
-    STOP = 8  # no reply: the worker returns from serve_rank
-    ABORT = 9  # no reply: the worker raises NodeError naming rank ``a`` with the payload text
-    OK = 100
-    ERROR = 101
-
-
-class Status(IntEnum):
-    """Why an ``ERROR`` reply failed (its ``status``)."""
-
-    REFUSED = 1  # SessionError on the worker: the call was refused, the rank is fine
-    FAILED = 2  # any other exception on the worker
-
-
-# header slots
-_MAGIC, _KIND, _SESSION, _STEP, _A, _B, _DTYPE, _NDIM, _SHAPE = 0, 1, 2, 3, 4, 5, 6, 7, 8
-_MASK, _NBYTES, _NANOS, _STATUS, _INLINE = 12, 13, 14, 15, 16
-
-
-@dataclass(frozen=True)
-class Header:
-    """One call or reply, as the :data:`HEADER_LEN` int64 values that go first on the wire.
-
-    ``x_dtype``/``x_shape`` describe the tensor that follows (None: none); ``mask`` says whether
-    a bool ``[B, T]`` mask (``x_shape[:2]``) follows it; ``nbytes`` is the length of the byte
-    payload; ``nanos`` carries a reply's compute time; ``a``/``b`` are the call's arguments
-    (batch size and max length, the other session of a join, the rank an abort names);
-    ``inline`` says the payload and tensors came in the header's own buffer.
-    """
-
-    kind: Kind
-    session: int = 0
-    step: int = 0
-    a: int = 0
-    b: int = 0
-    x_dtype: torch.dtype | None = None
-    x_shape: tuple[int, ...] = ()
-    mask: bool = False
-    nbytes: int = 0
-    nanos: int = 0
-    status: int = 0
-    inline: bool = False
-
-    def to_tensor(self) -> torch.Tensor:
-        """The header as an int64 tensor of :data:`HEADER_LEN` values."""
-        if len(self.x_shape) > MAX_NDIM:
-            raise PartialRunError(f"a tensor of {len(self.x_shape)} dims cannot be sent "
-                                  f"(at most {MAX_NDIM})")  # fmt: skip
-        if self.x_dtype not in DTYPES:
-            raise PartialRunError(f"dtype {self.x_dtype} cannot be sent; use one of {DTYPES[1:]}")
-        values = [0] * HEADER_LEN
-        values[_MAGIC], values[_KIND], values[_SESSION] = MAGIC, int(self.kind), self.session
-        values[_STEP], values[_A], values[_B] = self.step, self.a, self.b
-        values[_DTYPE], values[_NDIM] = DTYPES.index(self.x_dtype), len(self.x_shape)
-        values[_SHAPE : _SHAPE + len(self.x_shape)] = self.x_shape
-        values[_MASK], values[_NBYTES] = int(self.mask), self.nbytes
-        values[_NANOS], values[_STATUS] = self.nanos, self.status
-        values[_INLINE] = int(self.inline)
-        return torch.tensor(values, dtype=torch.int64)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> Header:
-        """Read a received header; PartialRunError when it is not one (another program or
-        wire version on the other end)."""
-        v = t.tolist()
-        if len(v) != HEADER_LEN or v[_MAGIC] != MAGIC:
-            raise PartialRunError(
-                f"received a header that is not llm_partial_run wire version 1 (magic "
-                f"{v[_MAGIC] if v else None:#x}): run the same llm_partial_run on every rank"
-            )
-        ndim, dtype = v[_NDIM], v[_DTYPE]
-        if v[_KIND] not in Kind._value2member_map_ or not 0 <= ndim <= MAX_NDIM:
-            raise PartialRunError(f"malformed header {v}")
-        if not 0 <= dtype < len(DTYPES) or v[_NBYTES] < 0:
-            raise PartialRunError(f"malformed header {v}")
-        return cls(
-            Kind(v[_KIND]), v[_SESSION], v[_STEP], v[_A], v[_B], DTYPES[dtype],
-            tuple(v[_SHAPE : _SHAPE + ndim]), bool(v[_MASK]), v[_NBYTES], v[_NANOS], v[_STATUS],
-            bool(v[_INLINE]),
-        )  # fmt: skip
+_UNSENT = 4  # a rank waits on its oldest send beyond this many unwaited
+_ABORT_WAIT = 5.0  # seconds a dying rank waits for its ABORT to be taken
 
 
 @dataclass(frozen=True)
@@ -177,6 +73,16 @@ class RankGroups:
         """True when hidden states travel over NCCL as device tensors."""
         return self.device.type == "cuda"
 
+    @property
+    def previous(self) -> int:
+        """The rank this one receives from."""
+        return (self.rank - 1) % self.world_size
+
+    @property
+    def next(self) -> int:
+        """The rank this one sends to."""
+        return (self.rank + 1) % self.world_size
+
 
 def init_ranks(device: str = "cpu", *, timeout: float = 60.0) -> RankGroups:
     """Join the cluster torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
@@ -184,7 +90,8 @@ def init_ranks(device: str = "cpu", *, timeout: float = 60.0) -> RankGroups:
 
     ``device``: ``"cpu"`` (gloo carries everything) or ``"cuda"`` (rank r uses ``cuda:LOCAL_RANK``;
     NCCL carries hidden states, a gloo group the headers). ``timeout``: seconds any call may wait
-    for a peer before the cluster is declared broken; it must exceed the longest step.
+    for a peer before the cluster is declared broken; it must exceed the longest step of the
+    whole chain (a call's result comes back after every rank has run it).
     """
     if device not in ("cpu", "cuda"):
         raise PartialRunError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -222,278 +129,271 @@ def close_ranks() -> None:
         dist.destroy_process_group()
 
 
-# ---- the wire ---------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
-class _Wire:
-    """Sends and receives one peer's messages (header, byte payload, tensors) in order."""
-
-    def __init__(self, groups: RankGroups, peer: int) -> None:
-        self.groups, self.peer = groups, peer
-        self._span = datetime.timedelta(seconds=groups.timeout)
-        self._buf = torch.empty(INLINE_BYTES, dtype=torch.uint8)  # receives; one reader at once
-        self._free: list[torch.Tensor] = []  # send buffers whose last send completed
-
-    def send(
-        self, header: Header, payload: bytes = b"", tensors: Sequence[torch.Tensor] = ()
-    ) -> _Sent:
-        """Post a message and return at once; the caller waits on the result later.
-
-        A message that fits :data:`INLINE_BYTES` goes as one buffer: header, payload and (on
-        CPU) the tensors' bytes, copied into a reused send buffer (a freshly allocated one per
-        message made gloo's send several times slower); a larger one as the header, then the
-        payload, then each tensor. On CUDA the tensors always follow on the NCCL group. A gloo
-        send completes only once the peer posts the receive (and a gloo work reports completion
-        only when waited on), so a caller waits (:meth:`_Sent.wait`) only after reading the
-        peer's reply, or when it has too many unwaited: two ranks sending to each other at once
-        would otherwise wait on each other.
-        """
-        g = self.groups
-        inline_tensors = [] if g.on_cuda else [_as_bytes(t) for t in tensors]
-        body = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
-        size = HEADER_BYTES + len(payload) + sum(t.numel() for t in inline_tensors)
-        inline = size <= INLINE_BYTES
-        head = replace(header, nbytes=len(payload), inline=inline).to_tensor().view(torch.uint8)
-        buffer = None
-        if inline:
-            buffer = (
-                self._free.pop() if self._free else torch.empty(INLINE_BYTES, dtype=torch.uint8)
-            )
-            at = 0
-            for piece in (head, *([body] if body is not None else []), *inline_tensors):
-                buffer[at : at + piece.numel()].copy_(piece)
-                at += piece.numel()
-            works = [dist.isend(buffer[:at], self.peer, group=g.headers)]
-            rest = list(tensors) if g.on_cuda else []
-        else:
-            works = [dist.isend(head, self.peer, group=g.headers)]
-            if body is not None:
-                works.append(dist.isend(body, self.peer, group=g.headers))
-            rest = list(tensors)
-        for t in rest:
-            works.append(dist.isend(t.contiguous(), self.peer, group=g.data))
-        return _Sent(self, works, buffer)
-
-    def recv(self) -> tuple[Header, bytes, torch.Tensor | None, torch.Tensor | None]:
-        """The next message: its header, payload, tensor and mask (tensors on this rank's
-        device). Waits at most the groups' timeout for each piece."""
-        dist.irecv(self._buf, self.peer, group=self.groups.headers).wait(self._span)
-        header = Header.from_tensor(self._buf[:HEADER_BYTES].view(torch.int64))
-        shapes = []
-        if header.x_dtype is not None:
-            shapes.append((header.x_dtype, header.x_shape))
-            if header.mask:
-                shapes.append((torch.bool, header.x_shape[:2]))
-        if not header.inline:
-            payload = self._recv_bytes(header.nbytes)
-            tensors = [self._recv_tensor(dtype, shape) for dtype, shape in shapes]
-            return header, payload, *_pair(tensors)
-        at = HEADER_BYTES + header.nbytes
-        payload = bytes(self._buf[HEADER_BYTES:at].tolist())  # small: JSON, error text
-        tensors = []
-        for dtype, shape in shapes:
-            if self.groups.on_cuda:
-                tensors.append(self._recv_tensor(dtype, shape))
-                continue
-            n = _nbytes(dtype, shape)
-            # a copy: the buffer takes the next message (and may be misaligned for dtype)
-            tensors.append(self._buf[at : at + n].clone().view(dtype).view(shape))
-            at += n
-        return header, payload, *_pair(tensors)
-
-    def _recv_bytes(self, nbytes: int) -> bytes:
-        if not nbytes:
-            return b""
-        t = torch.empty(nbytes, dtype=torch.uint8)
-        dist.irecv(t, self.peer, group=self.groups.headers).wait(self._span)
-        return bytes(t.tolist())
-
-    def _recv_tensor(self, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-        t = torch.empty(tuple(shape), dtype=dtype, device=self.groups.device)
-        dist.irecv(t, self.peer, group=self.groups.data).wait(self._span)
-        return t
-
-
-class _Sent:
-    """A posted message: its send works (they hold its tensors) and its send buffer, which
-    goes back to the wire once the works are waited on."""
-
-    def __init__(self, wire: _Wire, works: list[Any], buffer: torch.Tensor | None) -> None:
-        self._wire, self._works, self._buffer = wire, works, buffer
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait until the message was received (at most ``timeout``, default the groups')."""
-        wire = self._wire
-        span = wire._span if timeout is None else datetime.timedelta(seconds=timeout)
-        while self._works:
-            self._works[0].wait(span)
-            self._works.pop(0)
-        if self._buffer is not None:
-            wire._free.append(self._buffer)
-            self._buffer = None
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's bytes as a flat uint8 tensor (a view when it is contiguous)."""
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
-def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n
-
-
-def _pair(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    return (tensors + [None, None])[0], (tensors + [None, None])[1]
-
-
-def _described(kind: Kind, x: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-               **fields: Any) -> tuple[Header, list[torch.Tensor]]:  # fmt: skip
-    if x is None:
-        return Header(kind, **fields), []
-    tensors = [x]
-    if mask is not None:
-        tensors.append(mask.to(torch.bool))
-    header = Header(kind, x_dtype=x.dtype, x_shape=tuple(x.shape), mask=mask is not None, **fields)
-    return header, tensors
-
-
-# ---- rank 0: a PartLink per rank ------------------------------------------------------------
-
-
-@dataclass
-class _Reply:
-    header: Header
-    payload: bytes
-    x: torch.Tensor | None
+# ---- rank 0: the ring's two ends --------------------------------------------------------------
 
 
 class PendingCall:
-    """A call sent to a rank whose reply has not been read yet; :meth:`result` reads it.
+    """A call sent round the ring whose result has not been read yet; :meth:`result` reads it.
 
-    Replies come in the order calls were sent, so ``result`` first waits for the replies of
-    the calls sent before this one to be read (by whichever thread holds them).
+    Results come back in the order calls were sent, so ``result`` first waits for the results
+    of the calls sent before this one to be read (by whichever thread holds them).
     """
 
-    def __init__(self, link: RankLink, ticket: int, kind: Kind, sent: _Sent) -> None:
-        self._link, self._ticket, self.kind = link, ticket, kind
-        self._sent: _Sent | None = sent  # the call as posted (its works hold its tensors)
-        self._reply: _Reply | None = None
+    def __init__(self, ring: _Ring, ticket: int, kind: Kind, sent: Sent, name: str) -> None:
+        self._ring, self._ticket, self.kind, self.name = ring, ticket, kind, name
+        self._sent: Sent | None = sent  # the call as posted (its works hold its tensors)
+        self._message: Message | None = None
 
-    def reply(self) -> _Reply:
-        """The raw reply (read once, then kept); NodeError when the rank failed."""
-        if self._reply is None:
-            self._reply = self._link._read_reply(self._ticket, self.kind, self._sent)
+    def message(self) -> Message:
+        """The call as it came back (read once, then kept); NodeError when a rank failed,
+        SessionError when a rank refused it."""
+        if self._message is None:
+            self._message = self._ring.read(self._ticket, self.kind, self._sent)
             self._sent = None
-        return self._reply
+        header = self._message.header
+        if header.status != Status.OK:  # the text names the rank that refused it
+            raise SessionError(self._message.payload.decode(errors="replace"))
+        return self._message
 
     def result(self) -> tuple[torch.Tensor, float]:
-        """A forward call's output and the seconds the rank computed."""
-        reply = self.reply()
-        if reply.x is None:
-            raise NodeError(self._link.name, f"a {self.kind.name} reply carried no tensor")
-        return reply.x, reply.header.nanos / 1e9
+        """A forward call's output and the seconds the ranks computed."""
+        message = self.message()
+        if message.x is None:
+            raise NodeError(self.name, f"a {self.kind.name} result carried no tensor")
+        return message.x, message.header.nanos / 1e9
 
 
-class RankLink:
-    """A :class:`~llm_partial_run.transport.PartLink` to the part on ``rank``, from rank 0.
+class _Ring:
+    """Rank 0's ends of the ring: calls go to rank 1, results come from the last rank, in order.
 
-    Session ids (strings) become numbers on the wire, assigned here. Thread-safe: calls from
-    several threads are sent whole, one at a time, and their replies read in the same order.
+    Thread-safe: calls from several threads are sent whole, one at a time, and their results
+    read in the same order. The first transport failure breaks the ring for good (``failed``).
     """
 
-    def __init__(self, rank: int, groups: RankGroups) -> None:
-        if groups.rank != 0 or not 0 < rank < groups.world_size:
+    def __init__(self, groups: RankGroups) -> None:
+        if groups.rank != 0 or groups.world_size < 2:
             raise PartialRunError(
-                f"a RankLink is made on rank 0 for a rank in 1..{groups.world_size - 1}; "
-                f"this is rank {groups.rank}, asked for rank {rank}"
+                f"rank 0 of at least 2 ranks drives the ring; this is rank {groups.rank} of "
+                f"{groups.world_size}"
             )
-        self.rank = rank
-        self.name = f"rank {rank}"
-        self._wire = _Wire(groups, rank)
+        self.groups = groups
+        pool = Pool()
+        self.sender = Sender(groups, groups.next, pool)
+        self.receiver = Receiver(groups, groups.previous, pool)
+        self.receiver.post()  # the first result's receive, posted ahead like every later one
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = 0  # tickets handed out
-        self._read = 0  # replies read
-        self._numbers: dict[str, int] = {}
-        self._next_number = itertools.count(1)
+        self._read = 0  # results read
+        self.numbers = itertools.count(1)
+        """Session numbers on the wire (one counter: links over the same ranks never share)."""
         self.one_at_a_time = groups.on_cuda
-        """True over NCCL: a forward is sent only once the previous call's reply was read.
+        """True over NCCL: a forward is sent only once every earlier call's result was read.
         NCCL runs a pair's sends and receives in one stream, in the order they were issued, so
-        rank 0 sending k+1 before receiving k while the rank sends k before receiving k+1 could
-        wait on each other; gloo matches them independently."""
-        self._failed: NodeError | None = None  # the transport broke
-        self._stopped: NodeError | None = None  # rank 0 sent STOP or ABORT
+        with 2 ranks, rank 0 sending k+1 before receiving k while rank 1 sends k before
+        receiving k+1 could wait on each other; gloo matches them independently."""
+        self.failed: NodeError | None = None  # the transport broke
+        self.stopped: NodeError | None = None  # rank 0 sent STOP or ABORT
         self.last_used = time.monotonic()
-        self._info: PartInfo | None = None
-
-    def __repr__(self) -> str:
-        return f"RankLink({self.rank})"
-
-    @property
-    def failed(self) -> NodeError | None:
-        """The error that broke this link (then every call raises it), or None."""
-        return self._failed
 
     @property
     def busy(self) -> bool:
-        """True while a call's reply has not been read."""
+        """True while a call's result has not been read."""
         return self._read < self._sent
+
+    def call(self, header: Header, payload: bytes, tensors: Sequence[torch.Tensor],
+             name: str) -> PendingCall:  # fmt: skip
+        """Send a call round the ring; its result is read later (:meth:`PendingCall.message`)."""
+        with self._send_lock:
+            if self.one_at_a_time and tensors:
+                self._wait_idle(header.kind)
+            if self.failed is not None or self.stopped is not None:
+                raise self.failed or self.stopped
+            try:
+                sent = self.sender.send(header, payload, tensors)
+            except RuntimeError as exc:
+                raise self.fail(
+                    1, f"sending {header.kind.name} failed: {_first_line(exc)}"
+                ) from exc
+            ticket = self._sent
+            self._sent += 1
+            self.last_used = time.monotonic()
+        return PendingCall(self, ticket, header.kind, sent, name)
+
+    def read(self, ticket: int, kind: Kind, sent: Sent) -> Message:
+        """The result of call ``ticket`` (after the earlier ones were read)."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._read == ticket or self.failed is not None)
+            if self.failed is not None:
+                raise self.failed
+            try:
+                message = self.receiver.recv()
+            except RuntimeError as exc:
+                last = self.groups.previous
+                raise self.fail(last, f"no answer to {kind.name}: {_first_line(exc)}") from exc
+            finally:
+                self._read += 1
+                self.last_used = time.monotonic()
+                self._turn.notify_all()
+        if message.header.kind == Kind.ABORT:  # a rank lost its predecessor
+            raise self.fail(message.header.a, message.payload.decode(errors="replace"))
+        if message.header.kind != kind:
+            raise self.fail(
+                self.groups.previous, f"answered {kind.name} with {message.header.kind.name}"
+            )
+        try:
+            sent.wait()  # done at once: the call went round the ring
+        except RuntimeError as exc:
+            raise self.fail(1, f"gone: {_first_line(exc)}") from exc
+        return message
+
+    def stop(self, kind: Kind, failed_rank: int = 0, reason: str = "") -> None:
+        """Send ``STOP`` (every rank returns from serve_rank; waited until it came back round)
+        or ``ABORT`` naming ``failed_rank`` (every rank exits with that error). Best effort:
+        ranks already gone are ignored; once."""
+        with self._send_lock:
+            if self.failed is not None and kind == Kind.STOP or self.stopped is not None:
+                return
+            self.stopped = NodeError("rank 0", f"the cluster was stopped ({kind.name})")
+            header = Header(kind, a=failed_rank, b=0, first=1, last=self.groups.world_size - 1)
+            wait = min(self.groups.timeout, 10.0)
+            try:
+                sent = self.sender.send(header, reason.encode())
+                sent.wait(wait)
+                if kind == Kind.STOP and self.failed is None and not self.busy:
+                    self.receiver.recv(timeout=wait)  # back round: every rank has stopped
+            except (RuntimeError, PartialRunError) as exc:
+                log.debug("%s not delivered round the ring: %s", kind.name, exc)
+
+    def _wait_idle(self, kind: Kind) -> None:
+        with self._turn:
+            done = lambda: self._read == self._sent or self.failed is not None  # noqa: E731
+            if not self._turn.wait_for(done, timeout=self.groups.timeout):
+                raise PartialRunError(
+                    f"{kind.name} waited {self.groups.timeout} s for the previous call's result "
+                    "to be read: over NCCL the ring takes one forward at a time (read the last "
+                    "result first; forward_in_flight does)"
+                )
+
+    def fail(self, rank: int, reason: str) -> NodeError:
+        """Break the ring with a NodeError naming ``rank`` (the first failure wins)."""
+        if self.failed is None:
+            self.failed = NodeError(f"rank {rank}", reason)
+            log.error("%s", self.failed)
+        with self._turn:
+            self._turn.notify_all()
+        return self.failed
+
+
+class RanksLink:
+    """A :class:`~llm_partial_run.transport.PartLink` to the parts on ranks ``first..last``
+    (consecutive, in chain order) as one part: a forward runs on each in turn, the hidden
+    states going rank to rank, never back through rank 0.
+
+    Its :meth:`info` is the union of the ranks' parts (``"10-30 e"`` for ``"10-20"`` and
+    ``"20-30 e"``); its errors name the rank that failed (``NodeError("rank 2", ...)``).
+    Session ids (strings) become numbers on the wire, assigned here. Thread-safe.
+    """
+
+    def __init__(self, ring: _Ring, first: int, last: int) -> None:
+        world = ring.groups.world_size
+        if not 0 < first <= last < world:
+            raise PartialRunError(f"a RanksLink covers ranks within 1..{world - 1}, "
+                                  f"got {first}..{last}")  # fmt: skip
+        self.ring, self.first, self.last = ring, first, last
+        self.name = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        self._numbers: dict[str, int] = {}
+        self._infos: list[PartInfo] | None = None
+        self.forwards = 0
+        """Forward calls sent."""
+
+    def __repr__(self) -> str:
+        return f"RanksLink({self.first}, {self.last})"
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """True over NCCL (see :attr:`_Ring.one_at_a_time`)."""
+        return self.ring.one_at_a_time
+
+    @property
+    def failed(self) -> NodeError | None:
+        """The error that broke the ring (then every call raises it), or None."""
+        return self.ring.failed
 
     # ---- PartLink ---------------------------------------------------------------------------
 
     def info(self) -> PartInfo:
-        """The rank's part: architecture, spec, layer count, dtype, device."""
-        if self._info is None:
-            reply = self._call(Kind.INFO).reply()
-            self._info = PartInfo.from_dict(json.loads(reply.payload.decode()))
-        return self._info
+        """The ranks' parts as one: their union spec; the rest from the first rank's part."""
+        infos = self.rank_infos()
+        if len(infos) == 1:
+            return infos[0]
+        specs = [PartSpec.parse(i.spec).resolve(i.num_layers) for i in infos]
+        stops = [s.layers for s in specs if len(s.layers)]
+        layers = range(stops[0].start, stops[-1].stop) if stops else range(0)
+        union = PartSpec(begin=specs[0].begin, layers=layers, end=specs[-1].end)
+        devices = sorted({i.device for i in infos})
+        return replace(infos[0], spec=str(union), device=",".join(devices))
+
+    def rank_infos(self) -> list[PartInfo]:
+        """Each rank's part (asked once, round the ring)."""
+        if self._infos is None:
+            message = self._call(Kind.INFO, payload=b"[]").message()
+            self._infos = [PartInfo.from_dict(d) for d in json.loads(message.payload)]
+        return self._infos
 
     def open_session(self, session_id: str, batch_size: int, max_len: int) -> None:
-        """Open the session on the rank (its number on the wire is assigned here)."""
+        """Open the session on every rank of the link (all or none)."""
         number = self._numbers.get(session_id)
         if number is None:
-            number = self._numbers[session_id] = next(self._next_number)
+            number = self._numbers[session_id] = next(self.ring.numbers)
         try:
-            self._call(Kind.OPEN_SESSION, session=number, a=batch_size, b=max_len).reply()
-        except SessionError:
+            self._call(Kind.OPEN_SESSION, session=number, a=batch_size, b=max_len).message()
+        except SessionError:  # a later rank refused: the earlier ones close it again
             if self._numbers.get(session_id) == number:
                 del self._numbers[session_id]
+            self._call(Kind.CLOSE_SESSION, session=number).message()
             raise
 
     def forward(
         self, session_id: str, step: int, x: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, float]:
-        """Run a step on the rank; returns its output (on this rank's device) and compute time."""
+        """Run a step on every rank of the link in turn; returns the last one's output (on this
+        rank's device) and the ranks' summed compute seconds."""
         return self.submit_forward(session_id, step, x, mask).result()
 
     def submit_forward(
         self, session_id: str, step: int, x: torch.Tensor, mask: torch.Tensor | None
     ) -> PendingCall:
         """Send a step and return at once; ``.result()`` later gives what :meth:`forward` does."""
-        x = x.to(self._wire.groups.device)
-        mask = None if mask is None else mask.to(self._wire.groups.device)
-        return self._call(Kind.FORWARD, x, mask, session=self._number(session_id), step=step)
+        device = self.ring.groups.device
+        x = x.to(device)
+        mask = None if mask is None else mask.to(device)
+        number = self._number(session_id)
+        self.forwards += 1
+        return self._call(Kind.FORWARD, x, mask, session=number, step=step)
 
     def close_session(self, session_id: str) -> None:
-        """Free the session on the rank; unknown ids are ignored."""
+        """Free the session on every rank of the link; unknown ids are ignored."""
         number = self._numbers.pop(session_id, None)
         if number is not None:
-            self._call(Kind.CLOSE_SESSION, session=number).reply()
+            self._call(Kind.CLOSE_SESSION, session=number).message()
 
     def keep_rows(self, session_id: str, rows: list[int]) -> None:
         """Keep only these rows of the session's batch, in this order."""
         if not isinstance(rows, (list, tuple)) or not all(isinstance(r, int) for r in rows):
             raise SessionError(f"rows must be a list of ints, got {rows!r}")
         payload = json.dumps(list(rows)).encode()
-        self._call(Kind.KEEP_ROWS, session=self._number(session_id), payload=payload).reply()
+        self._call(Kind.KEEP_ROWS, session=self._number(session_id), payload=payload).message()
 
     def join(self, session_id: str, other_session_id: str) -> None:
-        """Append the other session's rows to this one on the rank; the other is closed."""
+        """Append the other session's rows to this one on every rank; the other is closed."""
         number, other = self._number(session_id), self._number(other_session_id)
-        self._call(Kind.JOIN, session=number, a=other).reply()
+        self._call(Kind.JOIN, session=number, a=other).message()
         self._numbers.pop(other_session_id, None)
 
     def close(self) -> None:
@@ -502,22 +402,13 @@ class RankLink:
     # ---- beyond PartLink --------------------------------------------------------------------
 
     def ping(self) -> None:
-        """A round trip that keeps an idle rank's wait alive and checks the rank is there."""
-        self._call(Kind.PING).reply()
+        """A trip round the ring that keeps the ranks' waits alive and checks they are there."""
+        self._call(Kind.PING).message()
 
-    def stop(self, kind: Kind = Kind.STOP, failed_rank: int = 0, reason: str = "") -> None:
-        """Tell the rank to stop (``STOP``) or to exit with an error naming ``failed_rank``
-        (``ABORT``); no reply. Best effort: a rank already gone is ignored."""
-        if self._failed is not None or self._stopped is not None:
-            return
-        header = Header(kind, a=failed_rank)
-        try:
-            with self._send_lock:
-                sent = self._wire.send(header, reason.encode())
-            sent.wait(min(self._wire.groups.timeout, 10.0))
-        except RuntimeError as exc:
-            log.debug("%s: %s not delivered: %s", self.name, kind.name, exc)
-        self._stopped = NodeError(self.name, f"stopped by rank 0 ({kind.name})")
+    def rank_stats(self) -> list[dict]:
+        """Each rank's wire counters: messages received from its predecessor and sent to its
+        successor, calls it ran and calls it passed on."""
+        return json.loads(self._call(Kind.STATS, payload=b"[]").message().payload)
 
     def _number(self, session_id: str) -> int:
         number = self._numbers.get(session_id)
@@ -527,66 +418,8 @@ class RankLink:
 
     def _call(self, kind: Kind, x: torch.Tensor | None = None, mask: torch.Tensor | None = None,
               *, payload: bytes = b"", **fields: Any) -> PendingCall:  # fmt: skip
-        header, tensors = _described(kind, x, mask, **fields)
-        with self._send_lock:
-            if self.one_at_a_time and tensors:
-                self._wait_idle(kind)
-            if self._failed is not None or self._stopped is not None:
-                raise self._failed or self._stopped
-            try:
-                sent = self._wire.send(header, payload, tensors)
-            except RuntimeError as exc:
-                raise self._fail(f"sending {kind.name} failed: {_first_line(exc)}") from exc
-            ticket = self._sent
-            self._sent += 1
-            self.last_used = time.monotonic()
-        return PendingCall(self, ticket, kind, sent)
-
-    def _wait_idle(self, kind: Kind) -> None:
-        with self._turn:
-            done = lambda: self._read == self._sent or self._failed is not None  # noqa: E731
-            if not self._turn.wait_for(done, timeout=self._wire.groups.timeout):
-                raise PartialRunError(
-                    f"{self.name}: {kind.name} waited {self._wire.groups.timeout} s for the "
-                    "previous call's reply to be read: over NCCL a rank takes one forward at a "
-                    "time (read the last result first; forward_in_flight does)"
-                )
-
-    def _read_reply(self, ticket: int, kind: Kind, sent: _Sent) -> _Reply:
-        with self._turn:
-            self._turn.wait_for(lambda: self._read == ticket or self._failed is not None)
-            if self._failed is not None:
-                raise self._failed
-            try:
-                header, payload, x, _ = self._wire.recv()
-                sent.wait()  # done at once: the rank answered after receiving it
-            except (RuntimeError, PartialRunError) as exc:
-                raise self._fail(f"no answer to {kind.name}: {_first_line(exc)}") from exc
-            finally:
-                self._read += 1
-                self.last_used = time.monotonic()
-                self._turn.notify_all()
-        if header.kind == Kind.ERROR:
-            text = payload.decode(errors="replace")
-            if header.status == Status.REFUSED:
-                raise SessionError(text)
-            raise SessionError(f"{self.name} refused {kind.name}: {text}")
-        if header.kind != Kind.OK:
-            raise self._fail(f"answered {kind.name} with a {header.kind.name} header")
-        return _Reply(header, payload, x)
-
-    def _fail(self, reason: str) -> NodeError:
-        if self._failed is None:
-            self._failed = NodeError(self.name, reason)
-            log.error("%s", self._failed)
-        with self._turn:
-            self._turn.notify_all()
-        return self._failed
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        header, tensors = described(kind, x, mask, first=self.first, last=self.last, **fields)
+        return self.ring.call(header, payload, tensors, self.name)
 
 
 def forward_in_flight(
@@ -600,10 +433,10 @@ def forward_in_flight(
 ) -> list[torch.Tensor]:
     """Run several sessions (micro-batches) through the chain ``links`` at once.
 
-    A :class:`RankLink` is sent the next micro-batch before the previous one's result is back,
+    A :class:`RanksLink` is sent the next micro-batch before the previous one's result is back,
     so while rank 2 computes micro-batch k, rank 1 computes k+1 and this process k+2 on its own
-    part (over NCCL a rank is sent its next micro-batch once its last result is read:
-    :attr:`RankLink.one_at_a_time`). Links without ``submit_forward`` (a LocalLink) run in this
+    part (over NCCL a link is sent its next micro-batch once its last result is read:
+    :attr:`RanksLink.one_at_a_time`). Links without ``submit_forward`` (a LocalLink) run in this
     thread. ``step`` is one step number for every session or one per session.
 
     Without ``then`` this is one step of every session. With it, ``then(k, output)`` is called
@@ -653,19 +486,20 @@ def forward_in_flight(
         busy[i] -= 1
         stage[k] += 1
         if queued[i]:
-            advance(queued[i].popleft())  # keep that rank busy first
+            advance(queued[i].popleft())  # keep that link busy first
         advance(k)
     return out
 
 
 class Cluster:
-    """Rank 0's side of the cluster: a :class:`RankLink` per other rank, a heartbeat while idle,
-    and the end: :meth:`close` stops every rank; :meth:`abort` makes them exit with an error.
+    """Rank 0's side of the cluster: the ring, a :class:`RanksLink` per other rank (``links``)
+    or for runs of consecutive ranks (:meth:`chain`, :meth:`link`), a heartbeat while idle, and
+    the end: :meth:`close` stops every rank; :meth:`abort` makes them exit with an error.
 
     Used as a context manager, an exception that leaves the block aborts the other ranks with
     it (naming the rank that failed, for a :class:`NodeError` from a link). The heartbeat
-    aborts the cluster when a ping finds a rank gone or a link has failed (even in a call whose
-    error was swallowed above) and then calls ``on_failure`` from its thread (the launcher
+    aborts the cluster when a ping finds a rank gone or the ring has failed (even in a call
+    whose error was swallowed above) and then calls ``on_failure`` from its thread (the launcher
     exits there: a server waiting for requests would not notice otherwise).
     """
 
@@ -677,7 +511,10 @@ class Cluster:
         on_failure: Callable[[NodeError], None] | None = None,
     ) -> None:
         self.groups = groups
-        self.links = [RankLink(r, groups) for r in range(1, groups.world_size)]
+        self.ring = _Ring(groups)
+        self.links = [RanksLink(self.ring, r, r) for r in range(1, groups.world_size)]
+        """One link per rank 1..N-1 (a call to rank r still goes round the whole ring)."""
+        self.everyone = self.link(1, groups.world_size - 1)
         self.period = groups.timeout / 3 if heartbeat is None else heartbeat
         self.on_failure = on_failure
         self._stop = threading.Event()
@@ -686,28 +523,55 @@ class Cluster:
         self._thread = threading.Thread(target=self._beat, name="rank-heartbeat", daemon=True)
         self._thread.start()
 
+    def link(self, first: int, last: int) -> RanksLink:
+        """A link over the consecutive ranks ``first..last`` as one part."""
+        return RanksLink(self.ring, first, last)
+
+    def chain(self, own: PartLink) -> list[PartLink]:
+        """The links of a pipeline over ``own`` (rank 0's part) and every rank's part: the
+        parts in chain order (checked: ChainError names the rank), with each run of ranks
+        that follow one another both in the chain and round the ring made one
+        :class:`RanksLink`. With rank r holding the r-th part that is ``[own, ranks 1..N-1]``:
+        a step's hidden states go rank to rank."""
+        from .chain import check_chain
+
+        infos = self.everyone.rank_infos()
+        order = check_chain([(own, own.info()), *zip(self.links, infos, strict=True)]).links
+        merged: list[PartLink] = []
+        for link in order:
+            before = merged[-1] if merged else None
+            if (
+                isinstance(link, RanksLink)
+                and isinstance(before, RanksLink)
+                and (before.last + 1 == link.first)
+            ):
+                merged[-1] = self.link(before.first, link.last)
+            else:
+                merged.append(link)
+        return merged
+
+    def stats(self) -> list[dict]:
+        """Every rank's wire counters (:meth:`RanksLink.rank_stats`), rank 1 first."""
+        return self.everyone.rank_stats()
+
     def _beat(self) -> None:
         while not self._stop.wait(self.period / 2):
-            for link in self.links:
-                # a link may have failed in a call whose error a caller swallowed (a session
-                # closing quietly): the cluster is broken all the same
-                error = link.failed
-                if (
-                    error is None
-                    and not link.busy
-                    and time.monotonic() - link.last_used >= self.period
-                ):
-                    try:
-                        link.ping()
-                    except NodeError as exc:
-                        error = exc
-                    except SessionError:  # a worker refusing a ping: it is alive
-                        pass
-                if error is not None and not self._stop.is_set():
-                    self.abort(error)
-                    if self.on_failure is not None:
-                        self.on_failure(error)
-                    return
+            # the ring may have failed in a call whose error a caller swallowed (a session
+            # closing quietly): the cluster is broken all the same
+            error = self.ring.failed
+            ring = self.ring
+            if error is None and not ring.busy and time.monotonic() - ring.last_used >= self.period:
+                try:
+                    self.everyone.ping()
+                except NodeError as exc:
+                    error = exc
+                except SessionError:  # a rank refusing a ping: it is alive
+                    pass
+            if error is not None and not self._stop.is_set():
+                self.abort(error)
+                if self.on_failure is not None:
+                    self.on_failure(error)
+                return
 
     def abort(self, error: BaseException) -> None:
         """Make every other live rank exit with ``error`` (naming the rank that failed); once."""
@@ -720,18 +584,14 @@ class Cluster:
         if isinstance(error, NodeError) and error.node.startswith("rank "):
             failed = int(error.node.split()[1])
         reason = error.reason if isinstance(error, NodeError) and failed else str(error)
-        reason = reason or type(error).__name__
-        for link in self.links:
-            if link.rank != failed:
-                link.stop(Kind.ABORT, failed, reason)
+        self.ring.stop(Kind.ABORT, failed, reason or type(error).__name__)
 
     def close(self) -> None:
         """Stop the heartbeat and every rank's worker loop (they return from serve_rank)."""
         self._stop.set()
-        for link in self.links:
-            link.stop(Kind.STOP)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=self.groups.timeout)
+        self.ring.stop(Kind.STOP)
 
     def __enter__(self) -> Cluster:
         return self
@@ -748,75 +608,112 @@ class Cluster:
 
 
 def serve_rank(link: PartLink, groups: RankGroups) -> None:
-    """Run rank 0's calls on ``link`` (a LocalLink of this rank's part) until it says stop.
+    """Run the calls coming round the ring on ``link`` (a LocalLink of this rank's part) and
+    pass each on to the next rank, until rank 0 says stop.
 
-    Returns on ``STOP``. Raises :class:`NodeError` naming rank 0 when rank 0 is gone or silent
-    past the timeout, and naming the failed rank when rank 0 aborts the cluster.
+    Returns on ``STOP``. Raises :class:`NodeError` naming the previous rank when it is gone or
+    silent past the timeout (after sending an ``ABORT`` naming it on round the ring), and naming
+    the failed rank when an ``ABORT`` comes round.
     """
     if groups.rank == 0:
         raise PartialRunError("serve_rank runs on ranks > 0; rank 0 drives them (Cluster)")
-    wire = _Wire(groups, 0)
-    log.info("rank %d: serving %s", groups.rank, getattr(link, "name", "a part"))
-    unsent: deque[_Sent] = deque()  # replies not waited on (rank 0 may read them later)
+    rank, previous = groups.rank, groups.previous
+    pool = Pool()
+    inbox, outbox = Receiver(groups, previous, pool), Sender(groups, groups.next, pool)
+    counts = {"rank": rank, "from": previous, "to": groups.next, "ran": 0, "passed": 0}
+    log.info("rank %d: serving %s", rank, getattr(link, "name", "a part"))
+    unsent: deque[Sent] = deque()  # sends not waited on yet (the next rank takes them in order)
     while True:
         try:
-            header, payload, x, mask = wire.recv()
+            message = inbox.recv()
         except RuntimeError as exc:
-            raise NodeError("rank 0", f"gone or silent: {_first_line(exc)}") from exc
-        if header.kind == Kind.STOP:
-            log.info("rank %d: stopped by rank 0", groups.rank)
-            for sent in unsent:  # rank 0 read every reply before it said stop
-                sent.wait()
-            return
+            error = NodeError(f"rank {previous}", f"gone or silent: {_first_line(exc)}")
+            _pass_abort(outbox, Header(Kind.ABORT, a=previous, b=rank), error.reason)
+            raise error from exc
+        header = message.header
         if header.kind == Kind.ABORT:
-            raise NodeError(f"rank {header.a}", payload.decode(errors="replace"))
-        reply, body, tensors = _execute(link, header, payload, x, mask)
+            if groups.next != header.b:  # not back where it started
+                _pass_abort(outbox, header, message.payload.decode(errors="replace"))
+            raise NodeError(f"rank {header.a}", message.payload.decode(errors="replace"))
+        counts["received"], counts["sent"] = inbox.received, outbox.sent
+        if header.first <= rank <= header.last and header.kind != Kind.STOP:
+            counts["ran"] += 1
+            header, payload, tensors = _execute(link, message, rank, counts)
+        else:
+            counts["passed"] += 1
+            payload = message.payload
+            tensors = [t for t in (message.x, message.mask) if t is not None]
         try:
-            unsent.append(wire.send(reply, body, tensors))
-            while len(unsent) > _UNSENT_REPLIES:  # rank 0 reads replies in order
+            unsent.append(outbox.send(replace(header, hops=header.hops + 1), payload, tensors))
+            if header.kind == Kind.STOP:
+                log.info("rank %d: stopped by rank 0", rank)
+                for sent in unsent:
+                    sent.wait(min(groups.timeout, _ABORT_WAIT))
+                return
+            while len(unsent) > _UNSENT:
                 unsent.popleft().wait()
         except RuntimeError as exc:
-            raise NodeError("rank 0", f"gone: {_first_line(exc)}") from exc
+            raise NodeError(f"rank {groups.next}", f"gone: {_first_line(exc)}") from exc
+
+
+def _pass_abort(outbox: Sender, header: Header, reason: str) -> None:
+    """Send an ABORT on to the next rank, waiting a little for it to be taken; best effort."""
+    try:
+        outbox.send(replace(header, hops=header.hops + 1), reason.encode()).wait(_ABORT_WAIT)
+    except (RuntimeError, PartialRunError) as exc:
+        log.debug("ABORT not passed on: %s", exc)
 
 
 def _execute(
-    link: PartLink,
-    header: Header,
-    payload: bytes,
-    x: torch.Tensor | None,
-    mask: torch.Tensor | None,
+    link: PartLink, message: Message, rank: int, counts: dict
 ) -> tuple[Header, bytes, list[torch.Tensor]]:
-    """Run one call on ``link``; the reply's header, byte payload and tensors. A session's
-    id on the worker is its wire number as text."""
+    """Run one call on ``link`` (unless an earlier rank refused it); the header, byte payload
+    and tensors to pass on. A session's id on a rank is its wire number as text."""
+    header, payload = message.header, message.payload
+    tensors = [t for t in (message.x, message.mask) if t is not None]
+    refused = header.status != Status.OK
+    if refused and header.kind != Kind.CLOSE_SESSION:  # closing goes on everywhere
+        return header, payload, tensors
     sid = str(header.session)
     try:
-        if header.kind == Kind.INFO:
-            return Header(Kind.OK), json.dumps(link.info().to_dict()).encode(), []
-        if header.kind == Kind.PING:
-            return Header(Kind.OK), b"", []
+        if header.kind in (Kind.INFO, Kind.STATS):
+            found = json.loads(payload)
+            if header.kind == Kind.INFO:
+                found.append(link.info().to_dict())
+            else:
+                found.append({**counts, **getattr(link, "stats", dict)()})
+            return header, json.dumps(found).encode(), []
+        if header.kind == Kind.FORWARD:
+            if message.x is None:
+                raise PartialRunError("a FORWARD call came without its tensor")
+            out, seconds = link.forward(sid, header.step, message.x, message.mask)
+            nanos = header.nanos + int(seconds * 1e9)
+            mask = message.mask if rank < header.last else None  # the next part needs it
+            head, tensors = described(Kind.FORWARD, out, mask, nanos=nanos)
+            keep = ("session", "step", "first", "last", "hops")
+            return replace(head, **{k: getattr(header, k) for k in keep}), b"", tensors
         if header.kind == Kind.OPEN_SESSION:
             link.open_session(sid, header.a, header.b)
-        elif header.kind == Kind.FORWARD:
-            if x is None:
-                raise PartialRunError("a FORWARD call came without its tensor")
-            out, seconds = link.forward(sid, header.step, x, mask)
-            head, tensors = _described(Kind.OK, out, nanos=int(seconds * 1e9))
-            return head, b"", tensors
         elif header.kind == Kind.CLOSE_SESSION:
             link.close_session(sid)
         elif header.kind == Kind.KEEP_ROWS:
             link.keep_rows(sid, [int(r) for r in json.loads(payload.decode())])
         elif header.kind == Kind.JOIN:
             link.join(sid, str(header.a))
-        else:
-            raise PartialRunError(f"rank 0 sent a {header.kind.name} header as a call")
+        elif header.kind != Kind.PING:
+            raise PartialRunError(f"a {header.kind.name} header came as a call")
     except SessionError as exc:
-        return _error(Status.REFUSED, str(exc))
-    except Exception as exc:  # a worker reports, never dies of, a failing call
+        return _refused(header, Status.REFUSED, str(exc), refused, payload)
+    except Exception as exc:  # a rank reports, never dies of, a failing call
         log.exception("rank call %s failed", header.kind.name)
-        return _error(Status.FAILED, f"{type(exc).__name__}: {exc}")
-    return Header(Kind.OK), b"", []
+        text = f"rank {rank} refused {header.kind.name}: {type(exc).__name__}: {exc}"
+        return _refused(header, Status.FAILED, text, refused, payload)
+    return header, payload, tensors
 
 
-def _error(status: Status, text: str) -> tuple[Header, bytes, list[torch.Tensor]]:
-    return Header(Kind.ERROR, status=int(status)), text.encode(), []
+def _refused(header: Header, status: Status, text: str, already: bool,
+             payload: bytes) -> tuple[Header, bytes, list[torch.Tensor]]:  # fmt: skip
+    if already:  # the first refusal is the one rank 0 hears of
+        return header, payload, []
+    bare = replace(header, status=int(status), x_dtype=None, x_shape=(), mask=False)
+    return bare, text.encode(), []

@@ -4,9 +4,11 @@ Each rank loads only its part of the sepweight model in DIR: ``--parts auto`` (t
 cuts it into N contiguous parts of about equal weight bytes (rank 0 holds begin, the last rank
 end); ``--parts "b 0-10,10-20,20-30 e"`` gives rank r the r-th spec, checked like any chain
 before anything loads. Ranks > 0 serve their part (:func:`llm_partial_run.dist.serve_rank`);
-rank 0 tokenizes, drives a :class:`~llm_partial_run.session.Pipeline` over its own part and a
-:class:`~llm_partial_run.dist.RankLink` per other rank, and either answers ``--prompt`` (or
-token ``--ids``) and exits, or serves the OpenAI-compatible HTTP API (``--api --port 8000``).
+rank 0 tokenizes, drives a :class:`~llm_partial_run.session.Pipeline` over its own part and
+the other ranks' (:meth:`~llm_partial_run.dist.Cluster.chain`: when rank r holds the r-th part,
+one :class:`~llm_partial_run.dist.RanksLink` for ranks 1..N-1, so a step's hidden states go rank
+to rank), and either answers ``--prompt`` (or token ``--ids``) and exits, or serves the
+OpenAI-compatible HTTP API (``--api --port 8000``).
 
 Examples::
 
@@ -235,7 +237,7 @@ def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: lis
 
     own = _load_link(args, groups, manifest, specs[0])
     with Cluster(groups, on_failure=fail_now) as cluster:
-        pipeline = Pipeline([own, *cluster.links])
+        pipeline = Pipeline(cluster.chain(own))  # hidden states go rank to rank
         if args.api:
             _serve_api(args, pipeline)
         else:

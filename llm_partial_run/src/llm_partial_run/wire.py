@@ -1,0 +1,348 @@
+"""The torch.distributed wire: one message per call, a fixed header, nothing pickled.
+
+A message is a :class:`Header` of :data:`HEADER_LEN` little-endian int64 values (kind, session,
+step, the ranks that run it, the dtype and shape of a tensor, ...), then a byte payload (control
+calls only: JSON, error text) and then the raw bytes of at most two tensors (a step's hidden
+states or logits, and its padding mask). When it all fits :data:`INLINE_BYTES` (a decode step
+always does) it travels as one gloo message; a larger one goes as the header alone, then the
+payload and each tensor as messages of their own on :data:`BULK_TAG`. On CUDA the tensors
+always follow on the data group (NCCL), device to device, never through the host.
+
+Receives are posted ahead: a :class:`Receiver` posts the receive of the next message as soon as
+the current one has arrived, before handling it. A gloo send to a peer whose receive is posted
+goes out at once; to one that has not posted it yet, it first announces itself and waits for the
+peer's "ready" (three trips instead of one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import PartialRunError
+
+HEADER_LEN = 20
+"""int64 values in a header."""
+HEADER_BYTES = HEADER_LEN * 8
+INLINE_BYTES = 1 << 20
+"""A message up to this size travels as one buffer: each gloo message costs a handshake."""
+MAGIC = 0x4C4D_5052_0000_0002
+"""First value of every header: ``"LMPR"`` and the wire version (2)."""
+HEAD_TAG, BULK_TAG = 0, 1
+"""Gloo tags: whole messages and headers on one, the pieces of a large message on the other
+(so a receive posted ahead for the next header never takes a piece of the current message)."""
+MAX_NDIM = 4
+"""Dimensions of a tensor that a header can describe."""
+DTYPES: tuple[torch.dtype | None, ...] = (
+    None, torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+    torch.bool, torch.uint8, torch.int8, torch.int16,
+)  # fmt: skip
+"""A tensor's dtype travels as its index here (0: no tensor)."""
+_FORMAT = struct.Struct(f"<{HEADER_LEN}q")
+
+
+class Kind(IntEnum):
+    """What a message asks. A call goes round the ring and comes back to rank 0 as its own
+    answer (its ``status`` says whether a rank refused it)."""
+
+    INFO = 1
+    OPEN_SESSION = 2
+    FORWARD = 3
+    CLOSE_SESSION = 4
+    KEEP_ROWS = 5
+    JOIN = 6
+    PING = 7
+    STOP = 8  # every rank passes it on and returns from serve_rank
+    ABORT = 9  # every rank passes it on and raises NodeError naming rank ``a``
+    STATS = 10
+
+
+class Status(IntEnum):
+    """How a call went (a header's ``status``)."""
+
+    OK = 0
+    REFUSED = 1  # SessionError on a rank: the call was refused, the rank is fine
+    FAILED = 2  # any other exception on a rank
+
+
+@dataclass(frozen=True)
+class Header:
+    """One message, as the :data:`HEADER_LEN` int64 values that go first on the wire.
+
+    ``first``/``last``: the ranks that run the call (the others pass it on); ``a``/``b``: the
+    call's arguments (batch size and max length, the other session of a join; for an abort the
+    failed rank and the rank that started the abort); ``x_dtype``/``x_shape`` describe the tensor
+    that follows (None: none) and ``mask`` says whether a bool ``[B, T]`` mask follows it;
+    ``nbytes``: the byte payload's length; ``nanos``: the compute time of the ranks that ran it;
+    ``status``: a :class:`Status`; ``inline``: the payload and tensors came in the header's own
+    buffer; ``hops``: the transfers the message has made so far.
+    """
+
+    kind: Kind
+    session: int = 0
+    step: int = 0
+    a: int = 0
+    b: int = 0
+    first: int = 0
+    last: int = 0
+    x_dtype: torch.dtype | None = None
+    x_shape: tuple[int, ...] = ()
+    mask: bool = False
+    nbytes: int = 0
+    nanos: int = 0
+    status: int = 0
+    inline: bool = False
+    hops: int = 0
+
+    def values(self) -> list[int]:
+        """The header's int64 values, in wire order."""
+        if len(self.x_shape) > MAX_NDIM:
+            raise PartialRunError(f"a tensor of {len(self.x_shape)} dims cannot be sent "
+                                  f"(at most {MAX_NDIM})")  # fmt: skip
+        if self.x_dtype not in DTYPES:
+            raise PartialRunError(f"dtype {self.x_dtype} cannot be sent; use one of {DTYPES[1:]}")
+        shape = [*self.x_shape, *[0] * (MAX_NDIM - len(self.x_shape))]
+        return [MAGIC, int(self.kind), self.session, self.step, self.a, self.b, self.first,
+                self.last, DTYPES.index(self.x_dtype), len(self.x_shape), *shape,
+                int(self.mask), self.nbytes, self.nanos, int(self.status), int(self.inline),
+                self.hops]  # fmt: skip
+
+    def pack_into(self, buffer: bytearray | memoryview, offset: int = 0) -> None:
+        """Write the header's bytes into ``buffer`` at ``offset``."""
+        _FORMAT.pack_into(buffer, offset, *self.values())
+
+    def to_bytes(self) -> bytes:
+        """The header's :data:`HEADER_BYTES` bytes."""
+        return _FORMAT.pack(*self.values())
+
+    @classmethod
+    def unpack_from(cls, buffer: bytes | bytearray | memoryview, offset: int = 0) -> Header:
+        """Read a received header; PartialRunError when it is not one (another program or wire
+        version on the other end)."""
+        if len(buffer) - offset < HEADER_BYTES:
+            raise PartialRunError(f"a header is {HEADER_BYTES} bytes, got {len(buffer) - offset}")
+        v = _FORMAT.unpack_from(buffer, offset)
+        if v[0] != MAGIC:
+            raise PartialRunError(
+                f"received a header that is not llm_partial_run wire version 2 (magic "
+                f"{v[0]:#x}): run the same llm_partial_run on every rank"
+            )
+        kind, dtype, ndim, status = v[1], v[8], v[9], v[17]
+        if (
+            kind not in Kind._value2member_map_
+            or not 0 <= ndim <= MAX_NDIM
+            or not 0 <= dtype < len(DTYPES)
+            or v[15] < 0
+            or status not in Status._value2member_map_
+        ):
+            raise PartialRunError(f"malformed header {list(v)}")
+        return cls(Kind(kind), v[2], v[3], v[4], v[5], v[6], v[7], DTYPES[dtype],
+                   tuple(v[10 : 10 + ndim]), bool(v[14]), v[15], v[16], status, bool(v[18]),
+                   v[19])  # fmt: skip
+
+
+@dataclass
+class Message:
+    """A received message: its header, byte payload, tensor and mask (None when absent)."""
+
+    header: Header
+    payload: bytes = b""
+    x: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class _Buffer:
+    """An :data:`INLINE_BYTES` buffer seen as bytes (for the header) and as a uint8 tensor."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray(INLINE_BYTES)
+        self.tensor = torch.frombuffer(self.raw, dtype=torch.uint8)
+
+
+@dataclass
+class Pool:
+    """Buffers free for the next receive or send (one pool per process side of a wire)."""
+
+    free: list[_Buffer] = field(default_factory=list)
+
+    def take(self) -> _Buffer:
+        """A free buffer (a new one when none is free)."""
+        return self.free.pop() if self.free else _Buffer()
+
+
+class Receiver:
+    """Receives ``peer``'s messages in order, each one's receive posted before it is due.
+
+    ``groups``: the rank's groups (:class:`llm_partial_run.dist.RankGroups`). One reader at once.
+    """
+
+    def __init__(self, groups: Any, peer: int, pool: Pool | None = None) -> None:
+        self.groups, self.peer = groups, peer
+        self.pool = pool or Pool()
+        self._span = datetime.timedelta(seconds=groups.timeout)
+        self._posted: tuple[Any, _Buffer] | None = None
+        self.received = 0
+        """Messages received from ``peer``."""
+
+    def post(self) -> None:
+        """Post the receive of the next message (done by :meth:`recv`; harmless twice)."""
+        if self._posted is None:
+            buffer = self.pool.take()
+            work = dist.irecv(buffer.tensor, self.peer, group=self.groups.headers, tag=HEAD_TAG)
+            self._posted = (work, buffer)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message (tensors copied out of the buffer, on this rank's device). Waits
+        at most ``timeout`` seconds (default the groups') for each piece; RuntimeError from
+        torch.distributed when the peer is gone or silent."""
+        self.post()
+        work, buffer = self._posted
+        span = self._span if timeout is None else datetime.timedelta(seconds=timeout)
+        work.wait(span)  # a failed wait leaves this receive posted: the wire is broken anyway
+        self._posted = None
+        self.post()  # the next message's receive, before this one is handled
+        try:
+            message = self._read(buffer, span)
+        finally:
+            self.pool.free.append(buffer)
+        self.received += 1
+        return message
+
+    def _read(self, buffer: _Buffer, span: datetime.timedelta) -> Message:
+        header = Header.unpack_from(buffer.raw)
+        shapes = []
+        if header.x_dtype is not None:
+            shapes.append((header.x_dtype, header.x_shape))
+            if header.mask:
+                shapes.append((torch.bool, header.x_shape[:2]))
+        if not header.inline:
+            payload = self._recv_bytes(header.nbytes, span)
+            tensors = [self._recv_tensor(dtype, shape, span) for dtype, shape in shapes]
+            return Message(header, payload, *tensors)
+        at = HEADER_BYTES + header.nbytes
+        payload = bytes(buffer.raw[HEADER_BYTES:at])
+        tensors = []
+        for dtype, shape in shapes:
+            if self.groups.on_cuda:
+                tensors.append(self._recv_tensor(dtype, shape, span))
+                continue
+            n = _nbytes(dtype, shape)
+            # a copy: the buffer takes a later message (and may be misaligned for dtype)
+            tensors.append(buffer.tensor[at : at + n].clone().view(dtype).view(shape))
+            at += n
+        return Message(header, payload, *tensors)
+
+    def _recv_bytes(self, nbytes: int, span: datetime.timedelta) -> bytes:
+        if not nbytes:
+            return b""
+        raw = bytearray(nbytes)
+        t = torch.frombuffer(raw, dtype=torch.uint8)
+        dist.irecv(t, self.peer, group=self.groups.headers, tag=BULK_TAG).wait(span)
+        return bytes(raw)
+
+    def _recv_tensor(
+        self, dtype: torch.dtype, shape: Sequence[int], span: datetime.timedelta
+    ) -> torch.Tensor:
+        t = torch.empty(tuple(shape), dtype=dtype, device=self.groups.device)
+        dist.irecv(t, self.peer, group=self.groups.data, tag=BULK_TAG).wait(span)
+        return t
+
+
+class Sender:
+    """Posts messages to ``peer``; each :meth:`send` returns at once with a :class:`Sent`."""
+
+    def __init__(self, groups: Any, peer: int, pool: Pool | None = None) -> None:
+        self.groups, self.peer = groups, peer
+        self.pool = pool or Pool()
+        self._span = datetime.timedelta(seconds=groups.timeout)
+        self.sent = 0
+        """Messages sent to ``peer``."""
+
+    def send(
+        self, header: Header, payload: bytes = b"", tensors: Sequence[torch.Tensor] = ()
+    ) -> Sent:
+        """Post a message; the caller waits on the :class:`Sent` later.
+
+        A message that fits :data:`INLINE_BYTES` is copied into a reused buffer (a fresh one per
+        message made gloo's send several times slower) and goes as one message; a larger one as
+        the header, then the payload, then each tensor. A gloo send completes only once the peer
+        has received it (and a gloo work reports completion only when waited on), so a caller
+        waits only once it knows the peer has it, or when it has too many unwaited.
+        """
+        g = self.groups
+        inline_tensors = [] if g.on_cuda else [_as_bytes(t) for t in tensors]
+        size = HEADER_BYTES + len(payload) + sum(t.numel() for t in inline_tensors)
+        header = replace(header, nbytes=len(payload), inline=size <= INLINE_BYTES)
+        if header.inline:
+            buffer = self.pool.take()
+            header.pack_into(buffer.raw)
+            buffer.raw[HEADER_BYTES : HEADER_BYTES + len(payload)] = payload
+            at = HEADER_BYTES + len(payload)
+            for t in inline_tensors:
+                buffer.tensor[at : at + t.numel()].copy_(t)
+                at += t.numel()
+            works = [dist.isend(buffer.tensor[:at], self.peer, group=g.headers, tag=HEAD_TAG)]
+            rest = list(tensors) if g.on_cuda else []
+        else:
+            buffer = None
+            head = torch.frombuffer(bytearray(header.to_bytes()), dtype=torch.uint8)
+            works = [dist.isend(head, self.peer, group=g.headers, tag=HEAD_TAG)]
+            if payload:
+                body = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                works.append(dist.isend(body, self.peer, group=g.headers, tag=BULK_TAG))
+            rest = list(tensors)
+        for t in rest:
+            works.append(dist.isend(t.contiguous(), self.peer, group=g.data, tag=BULK_TAG))
+        self.sent += 1
+        return Sent(self, works, buffer)
+
+
+class Sent:
+    """A posted message: its send works (they hold its tensors) and its send buffer, which goes
+    back to the pool once the works are waited on."""
+
+    def __init__(self, sender: Sender, works: list[Any], buffer: _Buffer | None) -> None:
+        self._sender, self._works, self._buffer = sender, works, buffer
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the peer has the message (at most ``timeout``, default the groups')."""
+        sender = self._sender
+        span = sender._span if timeout is None else datetime.timedelta(seconds=timeout)
+        while self._works:
+            self._works[0].wait(span)
+            self._works.pop(0)
+        if self._buffer is not None:
+            sender.pool.free.append(self._buffer)
+            self._buffer = None
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor's bytes as a flat uint8 tensor (a view when it is contiguous)."""
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+def described(
+    kind: Kind, x: torch.Tensor | None = None, mask: torch.Tensor | None = None, **fields: Any
+) -> tuple[Header, list[torch.Tensor]]:
+    """The header of a message carrying ``x`` (and ``mask``), and the tensors that follow it."""
+    if x is None:
+        return Header(kind, **fields), []
+    tensors = [x]
+    if mask is not None:
+        tensors.append(mask.to(torch.bool))
+    header = Header(kind, x_dtype=x.dtype, x_shape=tuple(x.shape), mask=mask is not None, **fields)
+    return header, tensors
