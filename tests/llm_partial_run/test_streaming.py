@@ -376,12 +376,13 @@ def test_smollm2_k2_peak_rss_below_resident_by_the_layers_not_held(smollm2_sepwe
     )
 
 
-def test_node_serving_resident_layers_gives_the_same_tokens(tiny_llama, node_process):
+def test_node_serving_resident_layers_gives_the_same_tokens(tiny_llama, node_process, tmp_path):
     from llm_partial_run.session import Pipeline
 
     directory = tiny_llama.directory
     tokens = []
-    for args in ((), ("--resident-layers", "1")):
+    streamed = ("--resident-layers", "1", "--packed-dir", str(tmp_path))
+    for args in ((), streamed, (*streamed, "--no-pack")):
         nodes = [node_process(directory, "b 0-3", *args), node_process(directory, "3-6 e")]
         with Pipeline([n.address for n in nodes]) as pipeline:
             assert pipeline.chain.links[0].info().resident_layers == (1 if args else None)
@@ -389,4 +390,5 @@ def test_node_serving_resident_layers_gives_the_same_tokens(tiny_llama, node_pro
                 tokens.append(generate(session, PROMPTS, max_new_tokens=6, cached=True))
         for n in nodes:
             n.stop()
-    assert tokens[0] == tokens[1] == greedy(resident(directory))
+    assert tokens[0] == tokens[1] == tokens[2] == greedy(resident(directory))
+    assert len(list(tmp_path.iterdir())) == 3  # layers 0-2, packed once

@@ -70,7 +70,10 @@ class Node:
         max_sessions, max_cache_bytes, session_ttl: the session caps and idle time-to-live.
             ``max_cache_bytes`` None means :func:`default_cache_budget` of the part's device, so
             a client can never ask a node for more cache than the machine holds.
-        pack: let the model package repack weights for speed (one copy at load).
+        pack: let the model package repack weights for speed (one copy at load); a streamed
+            part streams packed layer files (made once), ``pack=False`` the model's own files.
+        packed_dir: where a streamed part keeps its packed layer files (default
+            ``~/.cache/llm_microlibs/packed``).
 
     Raises:
         llm_sepweight.IntegrityError: a file of the part does not match the manifest.
@@ -90,11 +93,13 @@ class Node:
         max_cache_bytes: int | None = None,
         session_ttl: float | None = 600.0,
         pack: bool = True,
+        packed_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         loaded = load_any_part(self.directory, part, device=device, dtype=dtype, pack=pack,
-                               verify=verify, resident_layers=resident_layers)  # fmt: skip
+                               verify=verify, resident_layers=resident_layers,
+                               packed_dir=packed_dir)  # fmt: skip
         info = part_info(loaded, arch=manifest.arch, model=self.directory.name,
                          fingerprint=fingerprint(manifest))  # fmt: skip
         if max_cache_bytes is None:

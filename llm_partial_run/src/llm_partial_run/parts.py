@@ -96,26 +96,30 @@ def load_any_part(
     pack: bool = True,
     verify: bool = True,
     resident_layers: int | None = None,
+    packed_dir: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load part ``spec`` of the sepweight model in ``directory``, whatever its family.
 
     ``verify`` re-hashes the part's files first (a flipped byte must not serve wrong answers).
     With ``resident_layers=K`` the part streams its layers' weights, at most K on the device at
-    once (:func:`llm_partial_run.streaming.load_streamed`); otherwise it is loaded whole.
+    once (:func:`llm_partial_run.streaming.load_streamed`); otherwise it is loaded whole. A
+    streamed part with ``pack`` streams packed layer files kept in ``packed_dir`` (made once;
+    ``verify`` re-hashes those found too); ``pack=False`` streams the model's own files.
     Raises ``llm_sepweight`` errors for a bad directory, spec or file.
     """
     spec = PartSpec.parse(spec)
     dtype = parse_dtype(dtype)
     manifest = read_manifest(directory)
     spec = spec.resolve(manifest.num_layers)
-    if verify:
-        verify_part(directory, spec)
     if resident_layers is not None:
         from .streaming import load_streamed
 
         return load_streamed(
-            directory, spec, resident_layers=resident_layers, device=device, dtype=dtype
-        )
+            directory, spec, resident_layers=resident_layers, device=device, dtype=dtype,
+            pack=None if pack else False, packed_dir=packed_dir, verify=verify,
+        )  # fmt: skip
+    if verify:
+        verify_part(directory, spec)
     load_part = find_architecture(name=manifest.arch).load_part
     if load_part is None:
         raise PartialRunError(

@@ -446,7 +446,9 @@ class LocalModel(Pipeline):
 
     ``LocalModel(directory)`` loads the whole model; ``specs=["b 0-15", "15-30 e"]`` loads it as
     those parts (e.g. on ``devices=["cuda:0", "cuda:1"]``). ``resident_layers=K`` streams each
-    part's layers, at most K on the device at once. Or give loaded parts: ``LocalModel.from_parts``.
+    part's layers, at most K on the device at once (from packed layer files kept in
+    ``packed_dir``, made once; ``pack=False``: from the model's own files). Or give loaded parts:
+    ``LocalModel.from_parts``.
     """
 
     def __init__(
@@ -460,6 +462,7 @@ class LocalModel(Pipeline):
         verify: bool = False,
         pack: bool = True,
         resident_layers: int | None = None,
+        packed_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from llm_sepweight import read_manifest
 
@@ -474,7 +477,8 @@ class LocalModel(Pipeline):
         links = []
         for spec, dev in zip(specs, devices, strict=True):
             part = load_any_part(directory, spec, device=dev, dtype=dtype, pack=pack,
-                                 verify=verify, resident_layers=resident_layers)  # fmt: skip
+                                 verify=verify, resident_layers=resident_layers,
+                                 packed_dir=packed_dir)  # fmt: skip
             info = part_info(part, arch=manifest.arch, model=model,
                              fingerprint=fingerprint(manifest))  # fmt: skip
             links.append(LocalLink(part, info=info))

@@ -29,6 +29,7 @@ pinned host buffers into ``K`` reused device slots on a side stream, in the file
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
@@ -191,6 +192,18 @@ class StreamedPart:
             f"StreamedPart({str(self.spec)!r}, resident_layers={self.resident_layers}, "
             f"device={self.device}, prefetch={self.prefetch})"
         )
+
+
+def add_packed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--packed-dir DIR`` and ``--no-pack``: the options of every command that takes
+    ``--resident-layers`` (their values go to ``packed_dir=`` and ``pack=``)."""
+    parser.add_argument("--packed-dir", type=Path, metavar="DIR",
+                        help="with --resident-layers: where the layers' packed files are kept "
+                             "(made once; default ~/.cache/llm_microlibs/packed)")  # fmt: skip
+    parser.add_argument("--no-pack", action="store_true",
+                        help="do not pack the weights: streamed layers come from the model's own "
+                             "files (nothing written), resident ones compute on them; slower on "
+                             "a CPU")  # fmt: skip
 
 
 def load_streamed(

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from ..errors import PartialRunError
+from ..streaming import add_packed_arguments
 
 DESCRIPTION = (
     "An OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions, /v1/models; "
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, summary: str) -> None
     where.add_argument("--model", type=Path, help="a sepweight directory, run in this process")
     p.add_argument("--resident-layers", type=int, metavar="K",
                    help="with --model: stream layer weights, at most K on the device")  # fmt: skip
+    add_packed_arguments(p)
     p.add_argument("--device", default=None, help="with --model: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="with --model: float32, bfloat16, float16")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("llm_partial_run.api").setLevel(logging.INFO)  # the access log
     if args.model is not None:
         source = LocalModel(args.model, device=args.device, dtype=args.dtype,
-                            resident_layers=args.resident_layers)  # fmt: skip
+                            resident_layers=args.resident_layers, pack=not args.no_pack,
+                            packed_dir=args.packed_dir)  # fmt: skip
     else:
         nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
         source = Pipeline(nodes, token=read_token(args.token_file), timeout=args.timeout)

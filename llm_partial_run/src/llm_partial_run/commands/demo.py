@@ -268,7 +268,9 @@ def _answer_streamed(directory: Path, tokenizer, ids: list[int], args: argparse.
         torch.set_num_threads(args.threads)
     k = args.stream
     _say(f"one process, the layers' weights streamed: at most {k} resident at once")
-    with LocalModel(directory, device=args.device, resident_layers=k) as model:
+    # the layers' packed files are made once, next to the converted model in the cache folder
+    with LocalModel(directory, device=args.device, resident_layers=k,
+                    packed_dir=Path(args.cache_dir) / "packed") as model:  # fmt: skip
         streamed = model.links[0].part
         try:
             _answer(model, tokenizer, ids, args)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import PartialRunError
+from ..streaming import add_packed_arguments
 from .serve import read_token
 
 
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, summary: str) -> None
     p.add_argument("--dtype", help="local run: float32, bfloat16, float16")
     p.add_argument("--resident-layers", type=int, metavar="K",
                    help="local run: stream layers' weights, at most K on the device")  # fmt: skip
+    add_packed_arguments(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--stats", action="store_true", help="print timing per token on stderr")
 
@@ -83,7 +85,8 @@ def _source(args: argparse.Namespace):
     if args.directory is not None:
         specs = [s.strip() for s in args.parts.split(",")] if args.parts else ["f"]
         return LocalModel(args.directory, specs, device=args.device, dtype=args.dtype,
-                          resident_layers=args.resident_layers)  # fmt: skip
+                          resident_layers=args.resident_layers, pack=not args.no_pack,
+                          packed_dir=args.packed_dir)  # fmt: skip
     context = ssl.create_default_context(cafile=str(args.tls_ca)) if args.tls_ca else None
     return Pipeline(
         _addresses(args.nodes), spares=_addresses(args.spares), token=read_token(args.token_file),

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PartialRunError
+from ..streaming import add_packed_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, summary: str) -> None:
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, summary: str) -> None
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the part's files")
     p.add_argument("--resident-layers", type=int, metavar="K",
                    help="stream the layers' weights, at most K on the device at once")  # fmt: skip
+    add_packed_arguments(p)
     p.add_argument("--max-sessions", type=int, default=64, help="sessions at once (default 64)")
     p.add_argument(
         "--max-cache-bytes",
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             args.directory, args.part, host=args.host, port=args.port,
             token=read_token(args.token_file), ssl_context=context, on_ready=ready,
             device=args.device, dtype=args.dtype, verify=not args.no_verify,
-            resident_layers=args.resident_layers, max_sessions=args.max_sessions,
+            resident_layers=args.resident_layers, pack=not args.no_pack,
+            packed_dir=args.packed_dir, max_sessions=args.max_sessions,
             max_cache_bytes=args.max_cache_bytes, session_ttl=args.session_ttl,
         )  # fmt: skip
     except SepweightError as exc:
