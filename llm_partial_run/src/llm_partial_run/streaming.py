@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from llm_sepweight import PartSpec, find_architecture, load, read_manifest
+from llm_sepweight import verify as verify_files
 from llm_sepweight.manifest import mid_name
 
 from .errors import PartialRunError
@@ -263,15 +264,20 @@ def load_streamed(
         device = torch.device("cuda", torch.cuda.current_device())
     arch = find_architecture(name=manifest.arch)
     packed_files = device.type != "cuda" and pack is not False
-    weights = load(directory, resolved, verify=verify)  # maps the part's files, reads nothing
-    part = arch.load_part(directory, resolved, device=device, dtype=dtype,
-                          pack=packed_files or bool(pack), layers=False)  # fmt: skip
     if packed_files:
-        del weights
+        # The mid files are not mapped here: read only to make a missing packed file (a map
+        # would fault in a page-cache folio of each, up to 2 MiB, at the load's peak).
+        if verify:
+            verify_files(directory, part=resolved)
+        part = arch.load_part(directory, resolved, device=device, dtype=dtype, pack=True,
+                              layers=False)  # fmt: skip
         paths = packed_layer_files(directory, manifest, resolved.layers, part, packed_dir,
                                    verify=verify)  # fmt: skip
         files = [LayerFile(p, map_packed(p), huge_pages=huge_pages) for p in paths]
     else:
+        weights = load(directory, resolved, verify=verify)  # maps the part's files
+        part = arch.load_part(directory, resolved, device=device, dtype=dtype, pack=bool(pack),
+                              layers=False)  # fmt: skip
         files = [
             LayerFile(directory / mid_name(i), weights.layers[i], huge_pages=huge_pages)
             for i in resolved.layers
