@@ -1,8 +1,9 @@
 """Layer streaming on SmolLM2-135M float32 (CPU): streamed parts against the resident model.
 
 Prints, side by side in one run: decode ms/token of the resident part (packed, the default; and
-unpacked, the same products as the streamed layers) and of the streamed part with K = 1, 2, 4
-resident layers, with and without the loader thread, with the layer files in the page cache
+unpacked) and of the streamed part with K = 1, 2, 4 resident layers from packed layer files (the
+default: the same products as the resident packed part), with and without the loader thread,
+and K = 2 from the model's own (unpacked) files; with the layer files in the page cache
 ("cached") and dropped from it before every token (``posix_fadvise(DONTNEED)``, "evicted"); the
 streamer's own stats (share of the load hidden behind compute, GB/s of each stage); the peak RSS
 of each (a subprocess per configuration, VmHWM); the same model through ``accelerate`` with the
@@ -10,9 +11,12 @@ decoder layers offloaded to disk (``device_map`` + ``offload_folder``); batch-16
 and scoring 64 sequences (``llm_sampler.score_continuations``), streamed K=2 vs resident.
 
 Timed runs are interleaved (every configuration once per round) and each figure is the median
-over rounds, because the machine is shared; the ratios are what to read.
+over rounds, because the machine is shared; the ratios are what to read. The 1-minute load
+average is printed with every table (other processes share the cores). The packed layer files
+are made once under the work directory (``--dir``; default a temporary one).
 
-    .venv/bin/python bench/streaming.py [--rounds 5] [--steps 8] [--threads N] [--no-accelerate]
+    .venv/bin/python bench/streaming.py [--quick] [--rounds 5] [--steps 8] [--threads N]
+                                        [--no-accelerate] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -58,8 +63,13 @@ def resident(directory: Path, pack: bool = True):
     )
 
 
-def configurations(directory: Path) -> dict[str, Callable[[], object]]:
-    """Name -> loader of every configuration timed on cached files.
+def packed_dir(directory: Path) -> Path:
+    """Where the streamed parts' packed layer files are kept (made on first use)."""
+    return directory.parent / "packed-layers"
+
+
+def configurations(directory: Path, quick: bool = False) -> dict[str, Callable[[], object]]:
+    """Name -> loader of every configuration timed on cached files (``quick``: K=2 only).
 
     The streamed parts come first: the first reads of the layer files decide the size of their
     page-cache folios, and the streamed parts read them through maps advised MADV_HUGEPAGE
@@ -67,16 +77,22 @@ def configurations(directory: Path) -> dict[str, Callable[[], object]]:
     whatever is cached.
     """
     out: dict[str, Callable[[], object]] = {}
-    for k in (1, 2, 4):
+    for k in (2,) if quick else (1, 2, 4):
         for prefetch in (True, False):
             name = f"K={k} {'prefetch' if prefetch else 'no prefetch'}"
             out[name] = lambda k=k, p=prefetch: load_streamed(
-                directory, resident_layers=k, prefetch=p
+                directory, resident_layers=k, prefetch=p, packed_dir=packed_dir(directory)
             )
-    out["K=2 prefetch, packed"] = lambda: load_streamed(directory, resident_layers=2, pack=True)
+    out["K=2 prefetch, unpacked"] = lambda: load_streamed(directory, resident_layers=2, pack=False)
     out["resident"] = lambda: resident(directory)
     out["resident unpacked"] = lambda: resident(directory, pack=False)
     return {name: out[name] for name in ["resident", "resident unpacked", *list(out)[:-2]]}
+
+
+def load_line() -> str:
+    """The load averages (1, 5, 15 minutes) and the core count, for the tables' titles."""
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
 class Decoder:
@@ -137,7 +153,8 @@ def stats_line(part: StreamedPart) -> str:
 
 
 def table(title: str, ms: dict[str, tuple[float, float]], extra: dict[str, str]) -> None:
-    print(f"\n{title}: wall ms/token (x resident), CPU ms/token of all threads (x resident)")
+    print(f"\n{title}: wall ms/token (x resident), CPU ms/token of all threads (x resident); "
+          f"{load_line()}")  # fmt: skip
     wall0, cpu0 = ms["resident"]
     for name, (wall, cpu) in ms.items():
         note = extra.get(name, "")
@@ -148,18 +165,18 @@ def table(title: str, ms: dict[str, tuple[float, float]], extra: dict[str, str])
 # ---- peak RSS, one subprocess per configuration -------------------------------------------
 
 
-def peak_rss(directory: Path, name: str, threads: int) -> int:
+def peak_rss(directory: Path, name: str, threads: int, quick: bool) -> int:
     """VmHWM (bytes) of a fresh process that loads ``name``, prefills and decodes 4 tokens."""
     out = subprocess.run(
         [sys.executable, __file__, "--peak", name, "--dir", str(directory),
-         "--threads", str(threads)],
+         "--threads", str(threads), *(["--quick"] if quick else [])],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return int(out.stdout.split()[-1])
 
 
-def run_peak(directory: Path, name: str) -> None:
-    part = configurations(directory)[name]()
+def run_peak(directory: Path, name: str, quick: bool) -> None:
+    part = configurations(directory, quick)[name]()
     Decoder(part, 1, 8).step_ms(4)
     status = open("/proc/self/status").read().split("VmHWM:")[1]
     print(int(status.split()[0]) * 1024)
@@ -241,11 +258,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     parser.add_argument("--no-accelerate", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="K=2 only, 3 rounds x 4 steps, no accelerate"
+    )
     parser.add_argument("--peak", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.no_accelerate = 3, 4, True
     torch.set_num_threads(args.threads)
     if args.peak:
-        return run_peak(args.dir, args.peak)
+        return run_peak(args.dir, args.peak, args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)
         directory = smollm2(root)
@@ -254,8 +276,12 @@ def main() -> None:
 
 def bench(directory: Path, root: Path, args) -> None:
     print(f"SmolLM2-135M float32, {torch.get_num_threads()} torch threads, "
-          f"{args.rounds} rounds x {args.steps} decode steps, medians")  # fmt: skip
-    configs = configurations(directory)
+          f"{args.rounds} rounds x {args.steps} decode steps, medians; {load_line()}")  # fmt: skip
+    start = time.perf_counter()
+    load_streamed(directory, resident_layers=1, packed_dir=packed_dir(directory)).close()
+    print(f"packed layer files in {packed_dir(directory)}: ready in "
+          f"{time.perf_counter() - start:.1f} s (made on the first run, then reused)")  # fmt: skip
+    configs = configurations(directory, args.quick)
     order = [n for n in configs if n.startswith("K=")] + [n for n in configs if n[0] != "K"]
     parts, decoders = {}, {}
     for name in order:  # streamed parts load and read the files first (see configurations)
@@ -282,7 +308,7 @@ def bench(directory: Path, root: Path, args) -> None:
     # evicted: the resident unpacked part maps every file (its pages could not be dropped)
     del decoders["resident unpacked"], parts["resident unpacked"]
     gc.collect()
-    evicted_names = [n for n in decoders if n.startswith("K=") and "packed" not in n]
+    evicted_names = [n for n in decoders if n.startswith("K=")]
     for p in streamed.values():
         p.stats.reset()
     evicted = interleaved(
@@ -292,14 +318,15 @@ def bench(directory: Path, root: Path, args) -> None:
     notes = {n: stats_line(streamed[n]) for n in evicted_names}
     table("decode, layer files evicted before every token", evicted, notes)
 
-    print("\npeak RSS (fresh process: load, prefill, 4 tokens)")
-    rss = {name: peak_rss(directory, name, args.threads) for name in configs}
+    print(f"\npeak RSS (fresh process: load, prefill, 4 tokens); {load_line()}")
+    rss = {name: peak_rss(directory, name, args.threads, args.quick) for name in configs}
     layer = max(streamed["K=2 prefetch"].layer_bytes())
     for name, value in rss.items():
         saved = (rss["resident"] - value) / layer
         print(f"  {name:<28} {value / 2**20:8.1f} MiB  (resident - this = {saved:5.1f} layers)")
 
-    print("\nbatch 16 decode and scoring 64 sequences (12 + 4 tokens), K=2 prefetch vs resident")
+    print("\nbatch 16 decode and scoring 64 sequences (12 + 4 tokens), K=2 prefetch vs resident; "
+          f"{load_line()}")  # fmt: skip
     batch = {n: Decoder(parts[n], 16) for n in ("resident", "K=2 prefetch")}
     b16 = interleaved(batch, args.rounds, args.steps)
     wall0, cpu0 = b16["resident"]
