@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from llm_slice_core import thread_splits
+from llm_slice_core import products, thread_splits
 
 _spec = importlib.util.spec_from_file_location(
     "_falcon_parity", Path(__file__).with_name("test_falcon_parity.py")
@@ -77,3 +77,14 @@ def test_decode_on_threads_equals_transformers(variant_name, pack, threads, kit,
         assert torch.equal(got[:, -1:].argmax(-1), token)
         got = kit.run_chain(parts, token, caches=caches)
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("variant_name", ["falcon-7b", "falcon-40b", "sequential-mha-bias"])
+def test_decode_on_onednn_equals_transformers(
+    variant_name, pack, threads, kit, tmp_path, monkeypatch
+):
+    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight."""
+    monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
+    test_decode_on_threads_equals_transformers(variant_name, pack, threads, kit, tmp_path)

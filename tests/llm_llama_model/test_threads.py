@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_slice_core import thread_splits
+from llm_slice_core import products, thread_splits
 
 _spec = importlib.util.spec_from_file_location(
     "_parity", Path(__file__).with_name("test_parity.py")
@@ -64,3 +64,13 @@ def test_compiled_part_on_several_threads_equals_eager(threads, tmp_path):
             expected, got = part(ids, cache=caches[0]), compiled(ids, cache=caches[1])
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
             ids = expected[:, -1:].argmax(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("case", ["gqa", "biases", "wide_head"])
+def test_decode_on_onednn_equals_transformers(case, pack, threads, tmp_path, monkeypatch):
+    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight."""
+    monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
+    model = _parity.hf_model(case)
+    _parity.assert_prefill_and_decode_equal(model, _parity.split(model, tmp_path, pack=pack))

@@ -99,9 +99,10 @@ def group_of(transpose: bool, bias: bool) -> Linears:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
 def test_products_of_1_to_16_rows_equal_the_matrix_product(
-    threads, packed, transpose, bias, residual
+    threads, packed, transpose, bias, residual, monkeypatch
 ):
     """Rows 2.. run on oneDNN (the bias fused), 1 row on torch; every layout, both equal x @ w."""
+    monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)  # these weights are small
     group = group_of(transpose, bias)
     if packed:
         group.pack()
@@ -122,6 +123,7 @@ def test_the_onednn_path_and_the_fallback_agree(monkeypatch):
     """Both paths give the same products (fp32 rounding apart); where the op is missing every
     product takes torch's own path."""
     calls = []
+    monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
     if products._ONEDNN_LINEAR is not None:
         real = products._ONEDNN_LINEAR
         monkeypatch.setattr(
@@ -146,13 +148,30 @@ def test_a_torch_without_onednn_linear_is_found_out(monkeypatch):
     assert products._find_onednn_linear() is None
 
 
-def test_products_wanting_a_gradient_or_other_dtypes_keep_torchs_path():
-    x, w = torch.randn(4, 8), torch.randn(8, 6)
+def test_small_or_gradient_wanting_or_other_dtype_products_keep_torchs_path():
+    x, w = torch.randn(4, 512), torch.randn(512, 576)  # the smallest weight oneDNN takes
     assert products.onednn_suits(x, w) == (products._ONEDNN_LINEAR is not None)
+    assert products.onednn_suits(x, w.t().contiguous().t()) == products.onednn_suits(x, w)
     assert not products.onednn_suits(x[:1], w)  # one row: torch.mm reads the pack faster
+    assert not products.onednn_suits(x[:, :256], w[:256, :1024])  # oneDNN's setup costs more
     assert not products.onednn_suits(x.bfloat16(), w.bfloat16())
     assert not products.onednn_suits(x.double(), w.double())
-    assert not products.onednn_suits(x, torch.randn(8, 12)[:, ::2])  # neither layout
+    assert not products.onednn_suits(x, torch.randn(512, 1200)[:, ::2])  # neither layout
     assert not products.onednn_suits(x, w.requires_grad_())
     with torch.no_grad():
         assert products.onednn_suits(x, w) == (products._ONEDNN_LINEAR is not None)
+
+
+@pytest.mark.skipif(not products._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_a_product_of_model_size_on_onednn_equals_the_matrix_product():
+    """SmolLM2's gate and up side by side (576 -> 2 x 1536), 8 rows, packed: no threshold moved."""
+    gen = torch.Generator().manual_seed(11)
+    lins = [nn.Linear(576, 1536, bias=False).requires_grad_(False) for _ in range(2)]
+    for lin in lins:
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / 24)
+    group = Linears(*lins)
+    group.pack()
+    x = torch.randn(8, 576, generator=gen)
+    assert products.onednn_suits(x, group.weight_t)
+    expected = x.double() @ group.weight_t.double()
+    torch.testing.assert_close(group(x), expected.float(), atol=1e-5, rtol=1e-5)

@@ -18,8 +18,11 @@ import torch
 SPLIT_MAX_ROWS = 16
 # A float32 CPU product with at least this many input rows runs on oneDNN (one row: torch.mm on
 # the packed layout reads faster; 2 rows and up, oneDNN reads 1.1-2.5x faster than torch.mm on one
-# thread and than the blocks on two, measured from 2 to 512 rows; see bench/products.py).
+# thread and than the blocks on two, measured from 2 to 512 rows; see bench/products.py) ...
 ONEDNN_MIN_ROWS = 2
+# ... when its weight has more elements than this (1 MiB of float32): oneDNN spends ~15-20 us
+# setting up each call, more than a smaller product takes with torch.mm.
+ONEDNN_MIN_WEIGHT = 2**18
 
 
 def _find_onednn_linear():
@@ -39,12 +42,14 @@ _ONEDNN_LINEAR = _find_onednn_linear()
 
 def onednn_suits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """True when ``x [N, K] @ w [K, M]`` runs faster on oneDNN (:func:`onednn_product`): the op
-    exists, a float32 CPU product of :data:`ONEDNN_MIN_ROWS` rows or more, ``w`` stored
-    contiguous either way round (a packed ``[in, out]`` or a layer's ``[out, in]`` seen
-    transposed), no gradient wanted (oneDNN's op has none) and not in a compiled graph."""
+    exists; a float32 CPU product of :data:`ONEDNN_MIN_ROWS` rows or more; a weight of more than
+    :data:`ONEDNN_MIN_WEIGHT` elements stored contiguous either way round (a packed ``[in, out]``
+    or a layer's ``[out, in]`` seen transposed); no gradient wanted (oneDNN's op has none); not
+    in a compiled graph."""
     return (
         _ONEDNN_LINEAR is not None
         and x.shape[0] >= ONEDNN_MIN_ROWS
+        and w.numel() > ONEDNN_MIN_WEIGHT
         and x.dtype == torch.float32
         and w.dtype == torch.float32
         and x.device.type == "cpu"
