@@ -9,7 +9,9 @@ each round prefills a random prompt and times greedy decode steps. Our parts sha
 weight tensors (``part_from_state_dict``; packing copies them once). Medians are printed, then
 every ratio against transformers measured in that same run: decode tokens/s and prefill tokens/s.
 
-Usage: ``python bench/falcon_decode.py [--layers 2] [--threads 1 2] [--rounds 5] [--steps 16]``.
+Usage: ``python bench/falcon_decode.py [--layers 2] [--threads 1 2] [--rounds 5] [--steps 16]
+[--torch-products]``. ``--torch-products`` adds the packed part with every product on torch's own
+kernels (what a torch without oneDNN's linear runs). The load average is printed with the figures.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import transformers
 from llm_falcon_model import FalconConfig, part_from_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llama_decode import Ours, Theirs  # noqa: E402  (the same runners, family-agnostic)
+from llama_decode import Ours, Theirs, load  # noqa: E402  (the same runners, family-agnostic)
 
 FALCON_7B = dict(
     vocab_size=65024, hidden_size=4544, num_attention_heads=71, multi_query=True,
@@ -95,12 +97,13 @@ def measure(model_name: str, runners, vocab: int, args, threads: int) -> list[st
         med = {n: (statistics.median(p), statistics.median(d)) for n, (p, d) in results.items()}
         hf_pre, hf_dec = med["transformers"]
         for name, (pre, dec) in med.items():
-            print(f"{model_name:<14}{threads:>3} thr  batch {batch}  {name:<26} decode "
+            print(f"{model_name:<14}{threads:>3} thr  batch {batch}  {name:<32} decode "
                   f"{dec * 1e3:8.2f} ms/step {batch / dec:8.1f} tok/s   prefill "
                   f"{batch * args.prompt_len / pre:8.0f} tok/s")  # fmt: skip
+        print(f"({load()})")
         for name, (pre, dec) in med.items():
             if name != "transformers":
-                lines.append(f"{model_name:<14}{threads} thread(s) batch {batch}: {name:<26} "
+                lines.append(f"{model_name:<14}{threads} thread(s) batch {batch}: {name:<32} "
                              f"decode {hf_dec / dec:.2f}x transformers' tokens/s, prefill "
                              f"{hf_pre / pre:.2f}x  (greedy tokens equal: {same})")  # fmt: skip
     return lines
@@ -114,10 +117,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--only", choices=["7b", "tiny"], help="run one model")
+    parser.add_argument(
+        "--torch-products", action="store_true", help="add the packed part on torch's products"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, float32, prompt "
           f"{args.prompt_len} tokens, {args.steps} decode steps, {args.rounds} interleaved "
-          f"rounds, medians")  # fmt: skip
+          f"rounds, medians; {load()}")  # fmt: skip
     models = {
         "7b": (f"7B-shape x{args.layers}", dict(FALCON_7B, num_hidden_layers=args.layers)),
         "tiny": ("tiny full", TINY),
@@ -129,6 +135,8 @@ def main() -> None:
         model, packed, unpacked = build(options)
         runners = [Theirs(model), Ours(packed, "llm_falcon_model"),
                    Ours(unpacked, "llm_falcon_model unpacked")]  # fmt: skip
+        if args.torch_products:
+            runners.append(Ours(packed, "llm_falcon_model torch products", onednn=False))
         for threads in args.threads:
             summary += measure(name, runners, options["vocab_size"], args, threads)
         del model, packed, unpacked, runners

