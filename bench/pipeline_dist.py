@@ -278,9 +278,13 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
     try:
         hop = run_ranks(directory, 2, [bench.ready(echo)], tokens=tokens, rounds=rounds,
                         flight=flight, threads=threads, echo=True)  # fmt: skip
+        hop_load = os.getloadavg()[0]
         nodes = [bench.ready(p) for p in procs]
-        results = [run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds, flight=flight,
-                             threads=threads) for n in ranks]  # fmt: skip
+        results = []
+        for n in ranks:
+            results.append(run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds,
+                                     flight=flight, threads=threads))  # fmt: skip
+            results[-1]["load"] = os.getloadavg()[0]  # over the last minute: during the run
     finally:
         echo.stdin.close()
         echo.wait()
@@ -290,7 +294,8 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
     d, k = hop["dist"] * 1e3, hop["socket"] * 1e3
     lines = [
         f"  one hop, transport alone (576 floats out, 49152 back, no compute), alternated: "
-        f"gloo {d:.3f} ms, socket_rpc {k:.3f} ms: gloo/socket {d / k:4.2f}x (target <= 1x)"
+        f"gloo {d:.3f} ms, socket_rpc {k:.3f} ms: gloo/socket {d / k:4.2f}x (target <= 1x) "
+        f"[load {hop_load:.1f}]"
     ]
     for r in results:
         n, hops = r["ranks"], r["hops"]
@@ -300,13 +305,14 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
         lines.append(
             f"  {n} gloo ranks: {wall * 1e3:6.2f} ms/token (compute {compute * 1e3:6.2f}), "
             f"overhead {hop:5.2f} ms/hop; 2 socket_rpc nodes alternated: {swall * 1e3:6.2f} "
-            f"ms/token, {shop:5.2f} ms/hop: gloo/socket {hop / shop:4.2f}x (target <= 1x)"
+            f"ms/token, {shop:5.2f} ms/hop: gloo/socket {hop / shop:4.2f}x (target <= 1x) "
+            f"[load {r['load']:.1f}]"
         )
         tps, one, batch = r["flight_tps"], r["one_tps"], r["batch_tps"]
         lines.append(
             f"  {n} gloo ranks, {flight} sequences in flight: {tps:5.1f} tokens/s vs one process "
             f"{one:5.1f} (one after another): {tps / one:4.2f}x (target >= 1.5x on 3 ranks); "
-            f"one process batching them: {batch:5.1f} tokens/s"
+            f"one process batching them: {batch:5.1f} tokens/s [load {r['load']:.1f}]"
         )
     return lines
 

@@ -192,11 +192,12 @@ class _Ring:
         self._read = 0  # results read
         self.numbers = itertools.count(1)
         """Session numbers on the wire (one counter: links over the same ranks never share)."""
-        self.one_at_a_time = groups.on_cuda
-        """True over NCCL: a forward is sent only once every earlier call's result was read.
-        NCCL runs a pair's sends and receives in one stream, in the order they were issued, so
-        with 2 ranks, rank 0 sending k+1 before receiving k while rank 1 sends k before
-        receiving k+1 could wait on each other; gloo matches them independently."""
+        self.one_at_a_time = groups.on_cuda and groups.world_size == 2
+        """True over NCCL with 2 ranks: a forward is sent only once every earlier call's result
+        was read. NCCL runs a pair's sends and receives in one stream, in the order they were
+        issued, so rank 0 sending k+1 before receiving k while rank 1 sends k before receiving
+        k+1 could wait on each other. Round a ring of 3 or more ranks each pair carries one
+        direction only; gloo matches sends and receives independently."""
         self.failed: NodeError | None = None  # the transport broke
         self.stopped: NodeError | None = None  # rank 0 sent STOP or ABORT
         self.last_used = time.monotonic()
@@ -317,7 +318,7 @@ class RanksLink:
 
     @property
     def one_at_a_time(self) -> bool:
-        """True over NCCL (see :attr:`_Ring.one_at_a_time`)."""
+        """True over NCCL with 2 ranks (see :attr:`_Ring.one_at_a_time`)."""
         return self.ring.one_at_a_time
 
     @property
