@@ -540,10 +540,13 @@ def _assert_all_end_naming(
         assert f"rank {victim}" in stderr, stderr
 
 
-@pytest.mark.parametrize("victim, mode", [(2, "kill"), (0, "kill"), (2, "idle")])
+@pytest.mark.parametrize("victim, mode", [(2, "kill"), (0, "kill"), (1, "kill"), (2, "idle"),
+                                          (1, "idle")])  # fmt: skip
 def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim, mode):
     ranks = Ranks.start(3, "fake", mode)
-    try:  # idle: killed once rank 0 waits between requests; only the heartbeat can notice
+    # rank 1 killed: rank 2 notices first and sends an ABORT naming it on round the ring.
+    # idle: killed once rank 0 waits between requests; only the heartbeat can notice
+    try:
         _assert_all_end_naming(ranks, victim, after="idle" if mode == "idle" else "step 3")
     finally:
         ranks.kill_all()
