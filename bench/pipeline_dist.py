@@ -7,9 +7,11 @@ configurations round by round -- the ranks, two socket_rpc nodes, one process ho
 model -- and takes medians, so load from elsewhere hits them alike):
 - one hop with no compute (an echo part: a decode step's hidden states out, its logits back),
   gloo vs socket_rpc, alternated: the transport alone;
-- per-hop overhead per decode token, batch 1: (wall - the parts' compute) / remote hops, for
-  2 and 3 torch.distributed ranks (rank 0 holds the first part, so N ranks make N-1 hops) and
-  for a pipeline of 2 socket_rpc nodes on 127.0.0.1 (2 hops); target: gloo no worse;
+- per-hop overhead per decode token, batch 1: (wall - the parts' compute) / remote parts, for
+  2 and 3 torch.distributed ranks (rank 0 holds the first part, so N ranks have N-1 remote
+  parts; the step goes round the ring rank to rank: N transfers) and for a pipeline of 2
+  socket_rpc nodes on 127.0.0.1 (2 remote parts, 4 transfers: each node's call goes out from
+  the client and back); target: gloo no worse;
 - tokens/s with ``--flight`` sequences in flight (each batch 1, one decode step of every
   sequence sent through the ranks with ``forward_in_flight``: rank 0 sends sequence k+1 before
   k's result is back) on 2 and 3 ranks, vs one process decoding the same sequences one after
