@@ -53,7 +53,9 @@ class StreamedPart:
     Use it as the part itself: ``out = streamed(x, mask, cache)`` with a cache from
     ``streamed.new_cache(batch_size, max_len)``. ``stats`` (a :class:`StreamStats`) counts the
     bytes and seconds of each stage and how much of the loading the compute hid. Close it (or
-    use it as a context manager) to stop its loader thread.
+    use it as a context manager) to stop its loader thread. ``packed_files`` says whether the
+    layers come from packed layer files (``files[i].path`` names them) rather than the model's
+    own ``mid`` files.
     """
 
     def __init__(
