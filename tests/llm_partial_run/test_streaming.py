@@ -109,6 +109,26 @@ def test_tiny_streamed_with_a_dtype_change_equals_resident(tiny, tmp_path):
         assert part.stats.bytes["convert"] > 0
 
 
+def test_a_middle_part_streams_in_the_stored_dtype(tiny_llama, tmp_path):
+    """A part without begin and end takes the layers' stored dtype (bfloat16 here), as the
+    resident part does, and its packed files are made in it."""
+    from llm_sepweight import convert
+
+    directory = tmp_path / "bf16"
+    convert(tiny_llama.directory.parent / "hf", directory, dtype=torch.bfloat16)
+    want = resident(directory, "2-4")
+    h = torch.randn(2, 3, want.hidden_size, dtype=torch.bfloat16)
+    for pack in (True, False):
+        with load_streamed(directory, "2-4", resident_layers=1, pack=pack,
+                           packed_dir=tmp_path / "packed") as part:  # fmt: skip
+            assert part.dtype == torch.bfloat16 and part.stats.bytes["convert"] == 0
+            if pack:
+                assert_same([part(h)], [want(h)])
+                assert all(".bfloat16." in f.path.name for f in part.files)
+            else:
+                assert_same([part(h)], [resident(directory, "2-4", pack=False)(h)])
+
+
 def test_packed_files_are_reused_and_made_again_when_damaged(tiny_llama, tmp_path):
     directory = tiny_llama.directory
     want = steps(resident(directory), *padded())

@@ -41,6 +41,7 @@ import torch
 from llm_sepweight import PartSpec, find_architecture, load, read_manifest
 from llm_sepweight import verify as verify_files
 from llm_sepweight.manifest import mid_name
+from llm_sepweight.stfile import read_header
 
 from .errors import PartialRunError
 from .packed_layers import map_packed, packed_layer_files
@@ -265,6 +266,9 @@ def load_streamed(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     arch = find_architecture(name=manifest.arch)
+    if dtype is None and len(resolved.layers):
+        # the layers' stored dtype: a part without begin and end has no weights to say it
+        dtype = _stored_dtype(directory / mid_name(resolved.layers.start))
     packed_files = device.type != "cuda" and pack is not False
     if packed_files:
         # The mid files are not mapped here: read only to make a missing packed file (a map
@@ -298,3 +302,9 @@ def load_streamed(
         packed_files=packed_files,
         readahead=readahead,
     )
+
+
+def _stored_dtype(path: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor of a safetensors file (None if none)."""
+    infos = read_header(path).tensors.values()
+    return next((i.dtype for i in infos if i.dtype.is_floating_point), None)
