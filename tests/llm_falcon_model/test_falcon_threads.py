@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from llm_slice_core import attention as grouped_attention
 from llm_slice_core import products, thread_splits
 
 _spec = importlib.util.spec_from_file_location(
@@ -81,10 +82,14 @@ def test_decode_on_threads_equals_transformers(variant_name, pack, threads, kit,
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("pack", [True, False])
-@pytest.mark.parametrize("variant_name", ["falcon-7b", "falcon-40b", "sequential-mha-bias"])
-def test_decode_on_onednn_equals_transformers(
+@pytest.mark.parametrize(
+    "variant_name", ["falcon-7b", "falcon-40b", "falcon-rw-alibi", "sequential-mha-bias"]
+)
+def test_decode_on_the_fast_paths_equals_transformers(
     variant_name, pack, threads, kit, tmp_path, monkeypatch
 ):
-    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight."""
+    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight,
+    and every decode step's attention as one product per key/value head, however few heads."""
     monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(grouped_attention, "GROUPED_MIN_HEADS", 1)
     test_decode_on_threads_equals_transformers(variant_name, pack, threads, kit, tmp_path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_slice_core import attention as grouped_attention
 from llm_slice_core import products, thread_splits
 
 _spec = importlib.util.spec_from_file_location(
@@ -69,8 +70,10 @@ def test_compiled_part_on_several_threads_equals_eager(threads, tmp_path):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("case", ["gqa", "biases", "wide_head"])
-def test_decode_on_onednn_equals_transformers(case, pack, threads, tmp_path, monkeypatch):
-    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight."""
+def test_decode_on_the_fast_paths_equals_transformers(case, pack, threads, tmp_path, monkeypatch):
+    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight,
+    and every decode step's attention as one product per key/value head, however few heads."""
     monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(grouped_attention, "GROUPED_MIN_HEADS", 1)
     model = _parity.hf_model(case)
     _parity.assert_prefill_and_decode_equal(model, _parity.split(model, tmp_path, pack=pack))

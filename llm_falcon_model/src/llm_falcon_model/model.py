@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_sepweight import PartSpec
-from llm_slice_core import KVCache, LayerKV, Linears, ModelPart, Slots, allowed_keys
+from llm_slice_core import KVCache, LayerKV, Linears, ModelPart, Slots, allowed_keys, attend
 
 from .config import FalconConfig
 
@@ -195,14 +195,9 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, *step.rope), apply_rope(k, *step.rope)
         if cache is not None:
             k, v = cache.update(step.slots.start, k, v)  # [B, kv_heads, L, d], never expanded
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=step.mask,
-            is_causal=step.is_causal,
-            enable_gqa=self.config.num_kv_heads != self.config.num_heads,
-        )  # [B, heads, T, d]
+        # SDPA (key/value heads shared, never expanded), or for one new token and many query
+        # heads per key/value head (7B: 71) one product per key/value head (llm_slice_core)
+        y = attend(q, k, v, step.mask, step.is_causal)  # [B, heads, T, d]
         return flat(self.out, y.transpose(1, 2).flatten(2), step.splits)
 
 

@@ -26,6 +26,7 @@ from llm_slice_core import (
     Slots,
     additive_mask,
     allowed_keys,
+    attend,
 )
 
 from . import rope
@@ -99,8 +100,9 @@ class Attention(nn.Module):
         v = qkv[:, (heads + kv_heads) * hd :].view(B, T, kv_heads, hd).transpose(1, 2)
         if kv is not None:
             k, v = kv.update(step.slots.start, k, v)
-        # enable_gqa shares each key/value head among its query heads (= repeat_kv, no copy)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
+        # SDPA with enable_gqa (each key/value head shared by its query heads: repeat_kv without
+        # a copy), or for one new token and many query heads per group one product per group
+        out = attend(q, k, v, step.mask)
         return self.out(out.transpose(1, 2).reshape(B * T, heads * hd), step.splits, residual=h)
 
 
