@@ -567,12 +567,14 @@ def _torchrun(directory: Path, *args: str, nproc: int = 3) -> subprocess.Complet
     return done
 
 
-def _launched_tokens(directory: Path, batches: list[list[list[int]]], *args: str) -> list:
-    """Each batch's greedy tokens as three ranks under torchrun generate them."""
+def _launched_tokens(
+    directory: Path, batches: list[list[list[int]]], *args: str, nproc: int = 3
+) -> list:
+    """Each batch's greedy tokens as ``nproc`` ranks under torchrun generate them."""
     ids = [
         a for batch in batches for a in ("--ids", ";".join(",".join(map(str, r)) for r in batch))
     ]
-    done = _torchrun(directory, *ids, "--max-new-tokens", str(NEW_TOKENS), *args)
+    done = _torchrun(directory, *ids, "--max-new-tokens", str(NEW_TOKENS), *args, nproc=nproc)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return [line["tokens"] for line in lines]
 
@@ -617,6 +619,11 @@ def test_tiny_models_on_three_ranks_equal_transformers_and_the_other_pipelines(
     if which == "llama":  # and the socket pipeline on the same parts
         with Pipeline(shared_nodes(tiny.directory, tiny.specs)) as pipeline:
             assert got == [_in_process(pipeline, batch) for batch in TINY_BATCHES]
+
+
+def test_one_rank_holds_the_whole_model(tiny_llama):
+    got = _launched_tokens(tiny_llama.directory, TINY_BATCHES[:1], nproc=1)
+    assert got == [_alone(tiny_llama.hf, TINY_BATCHES[0])]
 
 
 def test_smollm2_on_three_ranks_equals_transformers(smollm2_sepweight, smollm2_transformers):

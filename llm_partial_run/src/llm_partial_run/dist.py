@@ -512,10 +512,11 @@ class Cluster:
         on_failure: Callable[[NodeError], None] | None = None,
     ) -> None:
         self.groups = groups
-        self.ring = _Ring(groups)
+        alone = groups.world_size == 1  # torchrun --nproc-per-node 1: rank 0 holds the model
+        self.ring = None if alone else _Ring(groups)
         self.links = [RanksLink(self.ring, r, r) for r in range(1, groups.world_size)]
         """One link per rank 1..N-1 (a call to rank r still goes round the whole ring)."""
-        self.everyone = self.link(1, groups.world_size - 1)
+        self.everyone = None if alone else self.link(1, groups.world_size - 1)
         self.period = groups.timeout / 3 if heartbeat is None else heartbeat
         self.on_failure = on_failure
         self._stop = threading.Event()
@@ -536,6 +537,8 @@ class Cluster:
         a step's hidden states go rank to rank."""
         from .chain import check_chain
 
+        if self.everyone is None:
+            return [own]
         infos = self.everyone.rank_infos()
         order = check_chain([(own, own.info()), *zip(self.links, infos, strict=True)]).links
         merged: list[PartLink] = []
@@ -553,10 +556,10 @@ class Cluster:
 
     def stats(self) -> list[dict]:
         """Every rank's wire counters (:meth:`RanksLink.rank_stats`), rank 1 first."""
-        return self.everyone.rank_stats()
+        return [] if self.everyone is None else self.everyone.rank_stats()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.period / 2):
+        while self.everyone is not None and not self._stop.wait(self.period / 2):
             # the ring may have failed in a call whose error a caller swallowed (a session
             # closing quietly): the cluster is broken all the same
             error = self.ring.failed
@@ -582,17 +585,19 @@ class Cluster:
             self._aborted = True
         self._stop.set()
         failed = 0
-        if isinstance(error, NodeError) and error.node.startswith("rank "):
-            failed = int(error.node.split()[1])
+        if isinstance(error, NodeError) and error.node.split()[-1].isdigit():
+            failed = int(error.node.split()[-1])  # "rank 2" (a link's "ranks 1-2" names none)
         reason = error.reason if isinstance(error, NodeError) and failed else str(error)
-        self.ring.stop(Kind.ABORT, failed, reason or type(error).__name__)
+        if self.ring is not None:
+            self.ring.stop(Kind.ABORT, failed, reason or type(error).__name__)
 
     def close(self) -> None:
         """Stop the heartbeat and every rank's worker loop (they return from serve_rank)."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=self.groups.timeout)
-        self.ring.stop(Kind.STOP)
+        if self.ring is not None:
+            self.ring.stop(Kind.STOP)
 
     def __enter__(self) -> Cluster:
         return self
