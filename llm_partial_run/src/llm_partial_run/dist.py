@@ -650,7 +650,7 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
             payload = message.payload
             tensors = [t for t in (message.x, message.mask) if t is not None]
         try:
-            unsent.append(outbox.send(replace(header, hops=header.hops + 1), payload, tensors))
+            unsent.append(outbox.send(header, payload, tensors))
             if header.kind == Kind.STOP:
                 log.info("rank %d: stopped by rank 0", rank)
                 for sent in unsent:
@@ -665,7 +665,7 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
 def _pass_abort(outbox: Sender, header: Header, reason: str) -> None:
     """Send an ABORT on to the next rank, waiting a little for it to be taken; best effort."""
     try:
-        outbox.send(replace(header, hops=header.hops + 1), reason.encode()).wait(_ABORT_WAIT)
+        outbox.send(header, reason.encode()).wait(_ABORT_WAIT)
     except (RuntimeError, PartialRunError) as exc:
         log.debug("ABORT not passed on: %s", exc)
 
@@ -695,9 +695,10 @@ def _execute(
             out, seconds = link.forward(sid, header.step, message.x, message.mask)
             nanos = header.nanos + int(seconds * 1e9)
             mask = message.mask if rank < header.last else None  # the next part needs it
-            head, tensors = described(Kind.FORWARD, out, mask, nanos=nanos)
-            keep = ("session", "step", "first", "last", "hops")
-            return replace(head, **{k: getattr(header, k) for k in keep}), b"", tensors
+            head = Header(Kind.FORWARD, header.session, header.step, first=header.first,
+                          last=header.last, x_dtype=out.dtype, x_shape=tuple(out.shape),
+                          mask=mask is not None, nanos=nanos, hops=header.hops)  # fmt: skip
+            return head, b"", [out] if mask is None else [out, mask]
         if header.kind == Kind.OPEN_SESSION:
             link.open_session(sid, header.a, header.b)
         elif header.kind == Kind.CLOSE_SESSION:

@@ -16,15 +16,15 @@ peer's "ready" (three trips instead of one).
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .errors import PartialRunError
 
@@ -46,6 +46,7 @@ DTYPES: tuple[torch.dtype | None, ...] = (
 )  # fmt: skip
 """A tensor's dtype travels as its index here (0: no tensor)."""
 _FORMAT = struct.Struct(f"<{HEADER_LEN}q")
+_NBYTES, _INLINE, _HOPS = 15, 18, 19  # slots a sender fills in
 
 
 class Kind(IntEnum):
@@ -159,11 +160,14 @@ class Message:
 
 
 class _Buffer:
-    """An :data:`INLINE_BYTES` buffer seen as bytes (for the header) and as a uint8 tensor."""
+    """An :data:`INLINE_BYTES` buffer seen as bytes (for the header), as a uint8 tensor (for
+    gloo) and as an address (tensors' bytes are moved in and out with one memmove each: a
+    torch slice, view and copy cost more than the copy itself)."""
 
     def __init__(self) -> None:
         self.raw = bytearray(INLINE_BYTES)
         self.tensor = torch.frombuffer(self.raw, dtype=torch.uint8)
+        self.address = self.tensor.data_ptr()
 
 
 @dataclass
@@ -195,7 +199,8 @@ class Receiver:
         """Post the receive of the next message (done by :meth:`recv`; harmless twice)."""
         if self._posted is None:
             buffer = self.pool.take()
-            work = dist.irecv(buffer.tensor, self.peer, group=self.groups.headers, tag=HEAD_TAG)
+            # the process group's own call: torch.distributed's wrapper costs as much again
+            work = self.groups.headers.recv([buffer.tensor], self.peer, HEAD_TAG)
             self._posted = (work, buffer)
 
     def recv(self, timeout: float | None = None) -> Message:
@@ -233,9 +238,11 @@ class Receiver:
             if self.groups.on_cuda:
                 tensors.append(self._recv_tensor(dtype, shape, span))
                 continue
-            n = _nbytes(dtype, shape)
             # a copy: the buffer takes a later message (and may be misaligned for dtype)
-            tensors.append(buffer.tensor[at : at + n].clone().view(dtype).view(shape))
+            t = torch.empty(shape, dtype=dtype)
+            n = t.numel() * t.element_size()
+            ctypes.memmove(t.data_ptr(), buffer.address + at, n)
+            tensors.append(t)
             at += n
         return Message(header, payload, *tensors)
 
@@ -244,14 +251,14 @@ class Receiver:
             return b""
         raw = bytearray(nbytes)
         t = torch.frombuffer(raw, dtype=torch.uint8)
-        dist.irecv(t, self.peer, group=self.groups.headers, tag=BULK_TAG).wait(span)
+        self.groups.headers.recv([t], self.peer, BULK_TAG).wait(span)
         return bytes(raw)
 
     def _recv_tensor(
         self, dtype: torch.dtype, shape: Sequence[int], span: datetime.timedelta
     ) -> torch.Tensor:
         t = torch.empty(tuple(shape), dtype=dtype, device=self.groups.device)
-        dist.irecv(t, self.peer, group=self.groups.data, tag=BULK_TAG).wait(span)
+        self.groups.data.recv([t], self.peer, BULK_TAG).wait(span)
         return t
 
 
@@ -277,29 +284,35 @@ class Sender:
         waits only once it knows the peer has it, or when it has too many unwaited.
         """
         g = self.groups
-        inline_tensors = [] if g.on_cuda else [_as_bytes(t) for t in tensors]
-        size = HEADER_BYTES + len(payload) + sum(t.numel() for t in inline_tensors)
-        header = replace(header, nbytes=len(payload), inline=size <= INLINE_BYTES)
-        if header.inline:
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        sizes = [] if g.on_cuda else [t.numel() * t.element_size() for t in tensors]
+        size = HEADER_BYTES + len(payload) + sum(sizes)
+        values = header.values()
+        values[_NBYTES], values[_INLINE], values[_HOPS] = (
+            len(payload),
+            size <= INLINE_BYTES,
+            header.hops + 1,
+        )
+        if size <= INLINE_BYTES:
             buffer = self.pool.take()
-            header.pack_into(buffer.raw)
+            _FORMAT.pack_into(buffer.raw, 0, *values)
             buffer.raw[HEADER_BYTES : HEADER_BYTES + len(payload)] = payload
             at = HEADER_BYTES + len(payload)
-            for t in inline_tensors:
-                buffer.tensor[at : at + t.numel()].copy_(t)
-                at += t.numel()
-            works = [dist.isend(buffer.tensor[:at], self.peer, group=g.headers, tag=HEAD_TAG)]
-            rest = list(tensors) if g.on_cuda else []
+            for t, n in zip(tensors, sizes, strict=True):
+                ctypes.memmove(buffer.address + at, t.data_ptr(), n)
+                at += n
+            works = [g.headers.send([buffer.tensor[:at]], self.peer, HEAD_TAG)]
+            rest = tensors if g.on_cuda else []
         else:
             buffer = None
-            head = torch.frombuffer(bytearray(header.to_bytes()), dtype=torch.uint8)
-            works = [dist.isend(head, self.peer, group=g.headers, tag=HEAD_TAG)]
+            head = torch.frombuffer(bytearray(_FORMAT.pack(*values)), dtype=torch.uint8)
+            works = [g.headers.send([head], self.peer, HEAD_TAG)]
             if payload:
                 body = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-                works.append(dist.isend(body, self.peer, group=g.headers, tag=BULK_TAG))
-            rest = list(tensors)
+                works.append(g.headers.send([body], self.peer, BULK_TAG))
+            rest = tensors
         for t in rest:
-            works.append(dist.isend(t.contiguous(), self.peer, group=g.data, tag=BULK_TAG))
+            works.append(g.data.send([t], self.peer, BULK_TAG))
         self.sent += 1
         return Sent(self, works, buffer)
 
@@ -321,18 +334,6 @@ class Sent:
         if self._buffer is not None:
             sender.pool.free.append(self._buffer)
             self._buffer = None
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor's bytes as a flat uint8 tensor (a view when it is contiguous)."""
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
-def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n
 
 
 def described(
