@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +76,65 @@ def test_a_tensor_the_header_cannot_describe_is_refused():
         Header(Kind.FORWARD, x_dtype=torch.float32, x_shape=(1, 1, 1, 1, 1)).to_bytes()
     with pytest.raises(PartialRunError, match="cannot be sent"):
         Header(Kind.FORWARD, x_dtype=torch.complex64, x_shape=(1,)).to_bytes()
+
+
+class _FakeGroup:
+    """A process group in one process: ``send`` queues a copy of the bytes per tag, a receive's
+    ``wait`` takes the oldest (so receives may be posted before their message is sent)."""
+
+    def __init__(self) -> None:
+        from collections import defaultdict, deque
+
+        self.queues = defaultdict(deque)
+        self.sends: list[tuple[int, int]] = []  # (tag, bytes) of every message
+
+    def send(self, tensors, peer, tag):
+        data = tensors[0].contiguous().view(-1).view(torch.uint8).clone()
+        self.queues[tag].append(data)
+        self.sends.append((tag, data.numel()))
+        return SimpleNamespace(wait=lambda span=None: True)
+
+    def recv(self, tensors, peer, tag):
+        def wait(span=None):
+            data = self.queues[tag].popleft()
+            tensors[0].view(-1).view(torch.uint8)[: data.numel()].copy_(data)
+            return True
+
+        return SimpleNamespace(wait=wait)
+
+
+@pytest.mark.parametrize("on_cuda", [False, True])
+def test_messages_round_trip_one_buffer_when_small_in_pieces_when_large(on_cuda):
+    from llm_partial_run.wire import BULK_TAG, HEAD_TAG, INLINE_BYTES, Receiver, Sender, described
+
+    headers = _FakeGroup()
+    data = headers if not on_cuda else _FakeGroup()  # on CUDA: tensors on the NCCL group
+    groups = SimpleNamespace(headers=headers, data=data, on_cuda=on_cuda,
+                             device=torch.device("cpu"), timeout=5.0)  # fmt: skip
+    sender, receiver = Sender(groups, 1), Receiver(groups, 0)
+    receiver.post()  # posted ahead, as the ranks do
+    small = torch.randn(2, 3, 8)[:, :, ::2]  # not contiguous
+    large = torch.randn(2, INLINE_BYTES // 8, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    for x, m, payload in [(small, mask, b"[1, 2]"), (large, None, b"text"), (None, None, b"")]:
+        header, tensors = described(Kind.FORWARD, x, m, session=4, step=2, first=1, last=3)
+        sender.send(header, payload, tensors).wait()
+        got = receiver.recv()
+        assert (got.header.session, got.header.step, got.header.hops) == (4, 2, 1)
+        assert got.payload == payload
+        assert got.x is None if x is None else torch.equal(got.x, x)
+        assert got.mask is None if m is None else torch.equal(got.mask, m)
+    big = large.numel() * 8
+    if on_cuda:  # header and payload in one message on gloo, every tensor on NCCL
+        assert headers.sends == [(HEAD_TAG, HEADER_BYTES + 6), (HEAD_TAG, HEADER_BYTES + 4),
+                                 (HEAD_TAG, HEADER_BYTES)]  # fmt: skip
+        assert data.sends == [(BULK_TAG, small.numel() * 4), (BULK_TAG, 6), (BULK_TAG, big)]
+    else:  # one message when it fits, else the header, then the payload and tensor apart
+        assert headers.sends == [
+            (HEAD_TAG, HEADER_BYTES + 6 + small.numel() * 4 + mask.numel()),
+            (HEAD_TAG, HEADER_BYTES), (BULK_TAG, 4), (BULK_TAG, big),
+            (HEAD_TAG, HEADER_BYTES),
+        ]  # fmt: skip
 
 
 # ---- planning the parts -----------------------------------------------------------------------

@@ -285,20 +285,19 @@ class Sender:
         """
         g = self.groups
         tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        sizes = [] if g.on_cuda else [t.numel() * t.element_size() for t in tensors]
+        inline_tensors = [] if g.on_cuda else tensors  # on CUDA they follow over NCCL
+        sizes = [t.numel() * t.element_size() for t in inline_tensors]
         size = HEADER_BYTES + len(payload) + sum(sizes)
         values = header.values()
-        values[_NBYTES], values[_INLINE], values[_HOPS] = (
-            len(payload),
-            size <= INLINE_BYTES,
-            header.hops + 1,
-        )
+        values[_NBYTES] = len(payload)
+        values[_INLINE] = int(size <= INLINE_BYTES)
+        values[_HOPS] = header.hops + 1  # this transfer
         if size <= INLINE_BYTES:
             buffer = self.pool.take()
             _FORMAT.pack_into(buffer.raw, 0, *values)
             buffer.raw[HEADER_BYTES : HEADER_BYTES + len(payload)] = payload
             at = HEADER_BYTES + len(payload)
-            for t, n in zip(tensors, sizes, strict=True):
+            for t, n in zip(inline_tensors, sizes, strict=True):
                 ctypes.memmove(buffer.address + at, t.data_ptr(), n)
                 at += n
             works = [g.headers.send([buffer.tensor[:at]], self.peer, HEAD_TAG)]
