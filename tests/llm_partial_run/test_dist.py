@@ -681,6 +681,13 @@ def test_tiny_models_on_three_ranks_equal_transformers_and_the_other_pipelines(
             assert got == [_in_process(pipeline, batch) for batch in TINY_BATCHES]
 
 
+def test_ranks_holding_parts_out_of_ring_order_still_chain(tiny_llama):
+    # rank 1 holds begin: the chain is rank 1, rank 0, rank 2 -- no run of consecutive ranks,
+    # so each part is its own link and every call goes round the ring (the others pass it on)
+    got = _launched_tokens(tiny_llama.directory, TINY_BATCHES, "--parts", "2-4,b 0-2,4-6 e")
+    assert got == [_alone(tiny_llama.hf, batch) for batch in TINY_BATCHES]
+
+
 def test_one_rank_holds_the_whole_model(tiny_llama):
     got = _launched_tokens(tiny_llama.directory, TINY_BATCHES[:1], nproc=1)
     assert got == [_alone(tiny_llama.hf, TINY_BATCHES[0])]
