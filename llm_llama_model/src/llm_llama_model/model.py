@@ -4,7 +4,8 @@ Module names follow the Hugging Face checkpoint (``layers.3.self_attn.q_proj.wei
 state dict keys of a part are the sepweight keys. Positions are never kept in the module: they are
 derived on every call from the padding mask and the cache the caller passes in (llm_slice_core).
 Linear layers that share an input are grouped (``Linears``): one product each once packed, cut
-into one block per CPU thread on decode steps (``splits``); see llm_slice_core.packing.
+into one block per CPU thread on one-row steps (``splits``), on oneDNN for several rows; see
+llm_slice_core.packing and .products.
 """
 
 from __future__ import annotations
