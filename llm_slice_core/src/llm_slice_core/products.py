@@ -18,7 +18,7 @@ import torch
 SPLIT_MAX_ROWS = 16
 # A float32 CPU product with at least this many input rows runs on oneDNN (one row: torch.mm on
 # the packed layout reads faster; 2 rows and up, oneDNN reads 1.1-2.5x faster than torch.mm on one
-# thread and than the blocks on two, measured from 2 to 512 rows; see bench/products.py) ...
+# thread and than the blocks on two, on SmolLM2 and Falcon-7B shapes from 2 to 512 rows) ...
 ONEDNN_MIN_ROWS = 2
 # ... when its weight has more elements than this (1 MiB of float32): oneDNN spends ~15-20 us
 # setting up each call, more than a smaller product takes with torch.mm.
