@@ -7,9 +7,29 @@ The real SmolLM2-135M-Instruct model comes as a GGUF file inside the ``llm-smoll
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+_CACHE: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The test run's own cache folder: what the code under test caches there (streaming's
+    packed layer files, the demo's conversion) goes to a temporary ``XDG_CACHE_HOME`` that
+    child processes inherit, never into the user's ``~/.cache``; removed at the end."""
+    global _CACHE
+    _CACHE = tempfile.mkdtemp(prefix="llm_microlibs_test_cache_")
+    os.environ["XDG_CACHE_HOME"] = _CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's cache folder."""
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def _cuda_available() -> bool:

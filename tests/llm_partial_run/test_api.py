@@ -566,3 +566,13 @@ def test_a_batcher_whose_thread_died_refuses_new_jobs(tok, monkeypatch) -> None:
             b.submit(Job([[20]], Settings(max_tokens=3), job))
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("option", [["--resident-layers", "2"], ["--no-pack"],
+                                    ["--packed-dir", "somewhere"]])  # fmt: skip
+def test_cli_model_options_need_model(option: list[str], capsys) -> None:
+    """Options of a local model given with --nodes: one clear line, exit 1, nothing served."""
+    from llm_partial_run.cli import main
+
+    assert main(["api", "--nodes", "127.0.0.1:1", *option]) == 1
+    assert "go with --model" in capsys.readouterr().err

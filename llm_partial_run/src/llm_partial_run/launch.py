@@ -128,6 +128,8 @@ def _planned_info(manifest: Manifest, spec: str) -> PartInfo:
 
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's arguments (every rank parses the same command line)."""
+    from .streaming import add_packed_arguments
+
     p = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m llm_partial_run.launch",
         description="Run one sepweight model over the ranks torchrun starts: each rank holds a "
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="stream each rank's layers, at most K on its device at once",
     )
+    add_packed_arguments(p)
     p.add_argument(
         "--timeout",
         type=float,
@@ -213,8 +216,8 @@ def _load_link(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: 
     from .parts import fingerprint, load_any_part
 
     part = load_any_part(args.directory, spec, device=groups.device, dtype=args.dtype,
-                         verify=not args.no_verify,
-                         resident_layers=args.resident_layers)  # fmt: skip
+                         verify=not args.no_verify, resident_layers=args.resident_layers,
+                         pack=not args.no_pack, packed_dir=args.packed_dir)  # fmt: skip
     model = os.path.basename(os.path.normpath(args.directory))
     # the fingerprint makes the chain check refuse ranks whose copies of the model differ
     info = part_info(part, arch=manifest.arch, model=model, fingerprint=fingerprint(manifest))

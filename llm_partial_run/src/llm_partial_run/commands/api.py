@@ -64,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.nodes is None and (args.token_file or args.timeout != 60.0):
         raise PartialRunError("--token-file and --timeout go with --nodes")
-    if args.model is None and (args.resident_layers or args.device or args.dtype):
-        raise PartialRunError("--resident-layers, --device and --dtype go with --model")
+    given = args.resident_layers or args.device or args.dtype or args.packed_dir or args.no_pack
+    if args.model is None and given:
+        raise PartialRunError(
+            "--resident-layers, --packed-dir, --no-pack, --device and --dtype go with --model"
+        )
     logging.getLogger("llm_partial_run.api").setLevel(logging.INFO)  # the access log
     if args.model is not None:
         source = LocalModel(args.model, device=args.device, dtype=args.dtype,
