@@ -412,3 +412,43 @@ def test_node_serving_resident_layers_gives_the_same_tokens(tiny_llama, node_pro
             n.stop()
     assert tokens[0] == tokens[1] == tokens[2] == greedy(resident(directory))
     assert len(list(tmp_path.iterdir())) == 3  # layers 0-2, packed once
+
+
+_WARM = textwrap.dedent(
+    """
+    import sys, threading
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+    from llm_partial_run.packed_layers import map_packed
+    from llm_partial_run.weightring import LayerFile
+
+    def rss():
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+
+    path = Path(sys.argv[1])
+    save_file({"w": torch.ones(16 << 20)}, path)  # 64 MiB
+    layer = LayerFile(path, map_packed(path))
+    stopped = threading.Event()
+    stopped.set()
+    before = rss()
+    layer.warm(stopped)
+    print(rss() - before)
+    layer.warm()
+    print(rss() - before)
+    layer.populate()
+    print(rss() - before)
+    """
+)
+
+
+def test_read_ahead_leaves_the_layer_out_of_the_process(tmp_path):
+    """``LayerFile.warm`` (K = 1's read-ahead) reads a layer into the page cache through its
+    map without keeping it in the process: the resident set grows by at most a few MiB (one
+    2 MiB chunk at a time), while mapping the layer for real grows it by the layer."""
+    out = subprocess.run([sys.executable, "-c", _WARM, str(tmp_path / "layer.safetensors")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    stopped, warmed, populated = map(int, out.stdout.split())
+    assert stopped < 4 << 20 and warmed < 8 << 20
+    assert populated > 60 << 20

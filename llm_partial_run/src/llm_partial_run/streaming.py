@@ -241,11 +241,12 @@ def load_streamed(
     :class:`PartialRunError` says so before anything is written. ``pack=False`` streams the
     model's own ``mid`` files (nothing written). On CUDA, None and False keep the files' layout
     in the device slots and True packs each layer as it arrives (a copy per layer per call).
-    ``verify`` re-hashes the part's files first (and the packed files found). ``readahead`` is
-    how many layers past the
-    one being loaded the page cache is asked to read asynchronously (``posix_fadvise``); None
-    means 1 with K = 1 (nothing else can run ahead there) and 0 otherwise (such reads fill the
-    page cache with 4 KiB pages, which cost more to map than the 2 MiB ones below).
+    ``verify`` re-hashes the part's files first (and the packed files found).
+
+    ``readahead``: how many layers past the one just loaded are read into the page cache while
+    it computes (through their huge-page maps, a 2 MiB chunk at a time, or ``posix_fadvise``
+    without huge pages); None means 1 with K = 1 (nothing else can run ahead there) and 0
+    otherwise (the loader thread already loads the next layer itself).
 
     ``huge_pages`` (Linux): the layers' maps are advised ``MADV_HUGEPAGE``, so what they fault
     in lands in the page cache as 2 MiB folios, mapped with one entry per 2 MiB: bringing a
