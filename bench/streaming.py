@@ -325,15 +325,16 @@ def bench(directory: Path, root: Path, args) -> None:
         saved = (rss["resident"] - value) / layer
         print(f"  {name:<28} {value / 2**20:8.1f} MiB  (resident - this = {saved:5.1f} layers)")
 
-    print("\nbatch 16 decode and scoring 64 sequences (12 + 4 tokens), K=2 prefetch vs resident; "
+    print("\nbatch 16 decode and scoring 64 sequences (12 + 4 tokens), K=2 vs resident; "
           f"{load_line()}")  # fmt: skip
-    batch = {n: Decoder(parts[n], 16) for n in ("resident", "K=2 prefetch")}
+    compared = [n for n in ("resident", "K=2 prefetch", "K=2 no prefetch") if n in parts]
+    batch = {n: Decoder(parts[n], 16) for n in compared}
     b16 = interleaved(batch, args.rounds, args.steps)
     wall0, cpu0 = b16["resident"]
     for name, (ms, cpu) in b16.items():
         print(f"  batch 16 {name:<20} {16000 / ms:8.1f} tokens/s  {ms / wall0:5.2f}x resident "
               f"time (CPU {cpu / cpu0:.2f}x)")  # fmt: skip
-    scores = {n: scoring_seconds(parts[n], args.rounds) for n in ("resident", "K=2 prefetch")}
+    scores = {n: scoring_seconds(parts[n], args.rounds) for n in compared}
     for name, sec in scores.items():
         print(f"  scoring 64 {name:<18} {sec * 1000:8.1f} ms  "
               f"{sec / scores['resident']:5.2f}x resident")  # fmt: skip
