@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -576,3 +577,28 @@ def test_cli_model_options_need_model(option: list[str], capsys) -> None:
 
     assert main(["api", "--nodes", "127.0.0.1:1", *option]) == 1
     assert "go with --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gather_s", [0.0, 5.0])
+def test_requests_arriving_together_at_an_idle_batcher_are_prefilled_together(tok, gather_s):
+    """A request finding no row decoding waits up to ``gather_s`` for others (here a second
+    one 50 ms later): both are prefilled in one session and decode together from the first
+    step. Gathering ends early once the waiting rows fill ``max_rows``; 0 admits at once."""
+    source = FakeSource()
+    source.gate.set()
+    b = Batcher(source, tok, max_rows=2, max_len=64, idle_close_s=0, gather_s=gather_s)
+    b.start()
+    try:
+        first, first_done = listener()
+        second, second_done = listener()
+        start = time.monotonic()
+        b.submit(Job([[20]], Settings(max_tokens=3), first))
+        time.sleep(0.05)
+        b.submit(Job([[10]], Settings(max_tokens=3), second))
+        assert first_done.wait(10) and second_done.wait(10)
+        assert time.monotonic() - start < 4  # the full rows ended the 5 s gathering at once
+        prefill_rows = source.sessions[0].batch
+        assert prefill_rows == (1 if gather_s == 0 else 2)
+        assert "".join(e.text for e in second.events) == tok.decode([11, 12, 13])
+    finally:
+        b.stop()

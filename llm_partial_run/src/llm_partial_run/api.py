@@ -69,6 +69,7 @@ def create_app(
     max_queue: int | None = None,
     api_key: str | None = None,
     idle_close_s: float = 1.0,
+    gather_s: float = 0.005,
 ) -> Any:
     """A Starlette app answering the OpenAI API over ``source``.
 
@@ -86,6 +87,8 @@ def create_app(
         api_key: when set, requests must send ``Authorization: Bearer <api_key>`` (else 401).
         idle_close_s: seconds the batch session stays open with no request before its cache
             is freed.
+        gather_s: a request finding the model idle waits this long for others arriving with
+            it, so they are prefilled and decoded together (0: none).
     """
     from starlette.applications import Starlette
     from starlette.routing import Route
@@ -97,7 +100,7 @@ def create_app(
     batcher = Batcher(
         source, tokenizer, max_rows=max_concurrency, max_len=context,
         max_waiting=max_concurrency if max_queue is None else max_queue, pad_token_id=pad,
-        idle_close_s=idle_close_s,
+        idle_close_s=idle_close_s, gather_s=gather_s,
     )  # fmt: skip
     model = Model(model_name or _model_name(source), tokenizer, batcher, context)
     key = None if api_key is None else api_key.encode()

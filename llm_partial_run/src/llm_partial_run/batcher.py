@@ -194,6 +194,9 @@ class Batcher:
         pad_token_id: the id at the left padding of a prefill (masked: its value is unseen).
         idle_close_s: seconds the batch session stays open with no rows before it is closed
             (its cache freed); 0 closes it as soon as the last row leaves.
+        gather_s: when a request finds no row decoding, seconds to wait for others arriving
+            with it, so that they are prefilled as one batch and decode together from their
+            first step (clients often arrive together); 0 admits at once.
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class Batcher:
         max_waiting: int = 8,
         pad_token_id: int = 0,
         idle_close_s: float = 1.0,
+        gather_s: float = 0.005,
     ) -> None:
         if max_rows < 1 or max_len < 2 or max_waiting < 0:
             raise PartialRunError(
@@ -215,6 +219,7 @@ class Batcher:
         self.source, self.tokenizer = source, tokenizer
         self.max_rows, self.max_len, self.max_waiting = max_rows, max_len, max_waiting
         self.pad_token_id, self.idle_close_s = pad_token_id, idle_close_s
+        self.gather_s = gather_s
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row] = []
@@ -312,6 +317,8 @@ class Batcher:
                     self._cond.wait()
                 elif not self._cond.wait(self.idle_close_s) and not self._waiting:
                     self._close_batch()
+            if not self._rows and self.gather_s > 0:
+                self._gather()
             if self._stopping:
                 return False
             group = self._admit()
@@ -321,6 +328,16 @@ class Batcher:
         if self._rows:
             self._step()
         return True
+
+    def _gather(self) -> None:
+        """Wait up to ``gather_s`` for more requests to arrive, while the batch has room
+        (called with the lock held, no row decoding)."""
+        deadline = time.monotonic() + self.gather_s
+        while not self._stopping and sum(j.rows for j in self._waiting) < self.max_rows:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _admit(self) -> list[Job]:
         """Pop the waiting jobs that fit now, in order (called with the lock held)."""
