@@ -248,6 +248,9 @@ def test_a_refused_step_is_not_recorded(tiny_llama):
         except SessionError:
             assert flaky.refuse
             assert [entry[1] for entry in session._history[1]] == [0, 1]
+            assert session._recorded[1] == sum(
+                e[2].nbytes + e[3].nbytes for e in session._history[1]
+            )
     assert session.links[1] is not flaky  # it died after 4 forwards: the spare replayed
     assert [entry[1] for entry in session._history[1]] == [0, 1, 2, 3, 4, 5]
     assert torch.cat(tokens).tolist() == expected

@@ -132,14 +132,16 @@ class Session:
         start = time.perf_counter()
         x, timings = ids, []
         for i in range(len(self.links)):
+            nbytes = x.nbytes + mask.nbytes
             if i in self._history:
-                self._record(i, ("forward", self.step, x, mask), x.nbytes + mask.nbytes)
+                self._record(i, ("forward", self.step, x, mask), nbytes)
             called = time.perf_counter()
             try:
                 x, compute = self._forward(i, x, mask)
             except BaseException:
                 if i in self._history:  # the part did not take this step: no replay of it
                     self._history[i].pop()
+                    self._recorded[i] -= nbytes
                 raise
             wall = time.perf_counter() - called
             timings.append(LinkTiming(self.links[i].name, compute, max(0.0, wall - compute)))
