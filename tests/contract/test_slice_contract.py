@@ -20,6 +20,7 @@ import llm_llama_model
 from llm_sepweight import PartSpecError, dump, find_architecture, load, read_manifest
 from llm_sepweight.stfile import map_file, write_file
 from llm_slice_core import CacheError, InputError, KVCache, SliceError, WeightsError
+from llm_slice_core.packing import groups
 
 VOCAB = 61
 CONFIGS = {
@@ -286,10 +287,13 @@ def test_set_layer_weights_refuses_a_packed_state_that_does_not_fit(stored):
         ({k: v.double() for k, v in state.items()}, "float64"),
         ({**state, key: state[key].t().contiguous().t()}, "contiguous"),
     ]
+    last = [k for k in state if k.endswith(".weight_t")][-1]  # refused after other groups
+    bad.append(({**state, last: state[last].t().contiguous().t()}, "contiguous"))
     for tensors, message in bad:
         with pytest.raises(WeightsError, match=message):
             part.set_layer_weights(1, tensors, packed=True)
         assert all(p.is_meta for p in part.layers[1].parameters())
+        assert not any(g.packed for g in groups(part.layers[1]))  # nothing left adopted
     with pytest.raises(WeightsError, match="holds no weights"):
         part.packed_layer_state(1)
 

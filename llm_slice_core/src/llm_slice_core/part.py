@@ -220,6 +220,7 @@ class ModelPart(nn.Module):
         named = packing.named_groups(layer)
         prefixes = [f"{name}." for name, _ in named]
         rest = {k: v for k, v in tensors.items() if not k.startswith(tuple(prefixes))}
+        self._groups[i] = [group for _, group in named]  # a refusal below unpacks them all
         try:
             for name, group in named:
                 group.adopt({k: tensors[f"{name}.{k}"] for k in group.stored_shapes()})
@@ -228,7 +229,6 @@ class ModelPart(nn.Module):
             raise WeightsError(f"layer slot {i}: {exc}") from None
         layer.load_state_dict(rest, strict=False, assign=True)
         layer.requires_grad_(False)
-        self._groups[i] = [group for _, group in named]
 
     def packed_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
         """Keys and shapes of layer slot ``i``'s packed state (:meth:`packed_layer_state`),
