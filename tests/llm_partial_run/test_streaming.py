@@ -452,3 +452,13 @@ def test_read_ahead_leaves_the_layer_out_of_the_process(tmp_path):
     stopped, warmed, populated = map(int, out.stdout.split())
     assert stopped < 4 << 20 and warmed < 8 << 20
     assert populated > 60 << 20
+
+
+def test_the_stored_dtype_is_the_one_holding_most_bytes(tmp_path):
+    """A bfloat16 layer with float32 norms is bfloat16 (its file lists the float32 ones first)."""
+    from llm_partial_run.streaming import _stored_dtype
+    from llm_sepweight.stfile import write_file
+
+    path = tmp_path / "mid.safetensors"
+    write_file(path, {"w": torch.ones(64, 64, dtype=torch.bfloat16), "norm": torch.ones(64)})
+    assert _stored_dtype(path) == torch.bfloat16

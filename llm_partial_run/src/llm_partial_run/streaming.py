@@ -290,8 +290,8 @@ def load_streamed(
             for i in resolved.layers
         ]
         del weights
-    if huge_pages:
-        for f in files:
+    for f in files:
+        if f.huge:  # only then does the first read through the map make 2 MiB folios
             f.evict()
     return StreamedPart(
         part,
@@ -306,6 +306,10 @@ def load_streamed(
 
 
 def _stored_dtype(path: Path) -> torch.dtype | None:
-    """The dtype of the first floating-point tensor of a safetensors file (None if none)."""
-    infos = read_header(path).tensors.values()
-    return next((i.dtype for i in infos if i.dtype.is_floating_point), None)
+    """The floating-point dtype holding most of a safetensors file's bytes (None if none): a
+    bfloat16 layer may keep float32 norms, which the file lists first (largest items first)."""
+    sizes: dict[torch.dtype, int] = {}
+    for info in read_header(path).tensors.values():
+        if info.dtype.is_floating_point:
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + info.stop - info.start
+    return max(sizes, key=sizes.__getitem__) if sizes else None
