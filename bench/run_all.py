@@ -45,6 +45,9 @@ QUICK: dict[str, list[str]] = {
     "sampler": ["--repeats", "3", "--steps", "16"],
     "socket_rpc": ["--rounds", "2"],
 }
+# Options every run of a bench gets: pipeline.py's torch.distributed lines are pipeline_dist.py,
+# which run_all runs on its own.
+ALWAYS: dict[str, list[str]] = {"pipeline": ["--no-dist"]}
 # The option through which a bench takes an already converted SmolLM2 directory.
 SMOLLM2_OPTION = {"api": "--dir", "llama_decode": "--sepweight", "pipeline": "--dir",
                   "pipeline_dist": "--dir"}  # fmt: skip
@@ -163,7 +166,7 @@ def main() -> None:
         if name in NEEDS_CUDA and not torch.cuda.is_available():
             results.append((name, "skipped: needs a CUDA device", 0.0, ""))
             continue
-        bench_args = list(QUICK.get(name, [])) if args.quick else []
+        bench_args = ALWAYS.get(name, []) + (QUICK.get(name, []) if args.quick else [])
         if model is not None and name in SMOLLM2_OPTION:
             bench_args += [SMOLLM2_OPTION[name], str(model)]
         print(f"running bench/{name}.py {' '.join(bench_args)}", file=sys.stderr, flush=True)
