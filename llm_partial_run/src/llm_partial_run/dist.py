@@ -310,8 +310,6 @@ class RanksLink:
         self.name = f"rank {first}" if first == last else f"ranks {first}-{last}"
         self._numbers: dict[str, int] = {}
         self._infos: list[PartInfo] | None = None
-        self.forwards = 0
-        """Forward calls sent."""
 
     def __repr__(self) -> str:
         return f"RanksLink({self.first}, {self.last})"
@@ -375,7 +373,6 @@ class RanksLink:
         x = x.to(device)
         mask = None if mask is None else mask.to(device)
         number = self._number(session_id)
-        self.forwards += 1
         return self._call(Kind.FORWARD, x, mask, session=number, step=step)
 
     def close_session(self, session_id: str) -> None:

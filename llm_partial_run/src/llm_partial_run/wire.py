@@ -177,8 +177,12 @@ class Pool:
     free: list[_Buffer] = field(default_factory=list)
 
     def take(self) -> _Buffer:
-        """A free buffer (a new one when none is free)."""
-        return self.free.pop() if self.free else _Buffer()
+        """A free buffer (a new one when none is free). Safe from several threads: rank 0's
+        sender and receiver share a pool, and the test-then-pop of two of them could race."""
+        try:
+            return self.free.pop()
+        except IndexError:
+            return _Buffer()
 
 
 class Receiver:
