@@ -211,23 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _load_link(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> Any:
-    from .local import LocalLink, part_info
-    from .parts import fingerprint, load_any_part
+def _load_link(args: argparse.Namespace, groups: Any, spec: str) -> Any:
+    from .local import LocalLink, load_with_info
 
-    part = load_any_part(args.directory, spec, device=groups.device, dtype=args.dtype,
-                         verify=not args.no_verify, resident_layers=args.resident_layers,
-                         pack=not args.no_pack, packed_dir=args.packed_dir)  # fmt: skip
-    model = os.path.basename(os.path.normpath(args.directory))
-    # the fingerprint makes the chain check refuse ranks whose copies of the model differ
-    info = part_info(part, arch=manifest.arch, model=model, fingerprint=fingerprint(manifest))
+    # (the info's fingerprint makes the chain check refuse ranks whose copies of the model differ)
+    part, info = load_with_info(args.directory, spec, device=groups.device, dtype=args.dtype,
+                                verify=not args.no_verify, resident_layers=args.resident_layers,
+                                pack=not args.no_pack, packed_dir=args.packed_dir)  # fmt: skip
     return LocalLink(part, info=info, name=f"rank {groups.rank}")
 
 
 def _serve(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> None:
     from .dist import serve_rank
 
-    serve_rank(_load_link(args, groups, manifest, spec), groups)
+    serve_rank(_load_link(args, groups, spec), groups)
 
 
 def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: list[str]) -> None:
@@ -238,7 +235,7 @@ def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: lis
         print(f"llm_partial_run.launch: rank 0: error: {error}", file=sys.stderr, flush=True)
         os._exit(1)
 
-    own = _load_link(args, groups, manifest, specs[0])
+    own = _load_link(args, groups, specs[0])
     with Cluster(groups, on_failure=fail_now) as cluster:
         pipeline = Pipeline(cluster.chain(own))  # hidden states go rank to rank
         if args.api:

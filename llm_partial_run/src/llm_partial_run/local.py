@@ -12,6 +12,7 @@ step at a time while different sessions run at the same time (torch releases the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from llm_sepweight import architectures
+from llm_sepweight import architectures, read_manifest
 
 from . import parts
 from .errors import SessionError
@@ -260,6 +261,20 @@ def part_info(
         resident_layers=getattr(part, "resident_layers", None),
         fingerprint=fingerprint,
     )
+
+
+def load_with_info(
+    directory: str | os.PathLike[str], spec: Any, **load: Any
+) -> tuple[Any, PartInfo]:
+    """:func:`~llm_partial_run.parts.load_any_part` ``(directory, spec, **load)`` and the part's
+    :class:`PartInfo`: the manifest's arch, the directory's name as the model, and the weights'
+    fingerprint, on which chains are checked (copies of a model under other names still chain,
+    different weights under one name do not)."""
+    manifest = read_manifest(directory)
+    part = parts.load_any_part(directory, spec, **load)
+    model = os.path.basename(os.path.normpath(directory))
+    info = part_info(part, arch=manifest.arch, model=model, fingerprint=parts.fingerprint(manifest))
+    return part, info
 
 
 def _arch_of(part: Any) -> str:

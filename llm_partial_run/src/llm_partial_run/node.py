@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 
-from llm_sepweight import read_manifest
 from socket_rpc import Limits, Server, exposed
 
-from .local import LocalLink, part_info
-from .parts import fingerprint, load_any_part
+from .local import LocalLink, load_with_info
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +94,9 @@ class Node:
         packed_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.directory = Path(directory)
-        manifest = read_manifest(self.directory)
-        loaded = load_any_part(self.directory, part, device=device, dtype=dtype, pack=pack,
-                               verify=verify, resident_layers=resident_layers,
-                               packed_dir=packed_dir)  # fmt: skip
-        info = part_info(loaded, arch=manifest.arch, model=self.directory.name,
-                         fingerprint=fingerprint(manifest))  # fmt: skip
+        loaded, info = load_with_info(self.directory, part, device=device, dtype=dtype,
+                                      pack=pack, verify=verify, resident_layers=resident_layers,
+                                      packed_dir=packed_dir)  # fmt: skip
         if max_cache_bytes is None:
             max_cache_bytes = default_cache_budget(loaded.device)
         self.link = LocalLink(

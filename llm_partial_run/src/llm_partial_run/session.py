@@ -30,7 +30,7 @@ import torch
 
 from .chain import Chain, check_chain
 from .errors import ChainError, NodeError, PartialRunError, SessionError
-from .local import LocalLink, part_info
+from .local import LocalLink, load_with_info
 from .transport import PartInfo, PartLink
 
 log = logging.getLogger(__name__)
@@ -466,23 +466,15 @@ class LocalModel(Pipeline):
         resident_layers: int | None = None,
         packed_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        from llm_sepweight import read_manifest
-
-        from .parts import fingerprint, load_any_part
-
         devices = list(devices) if devices is not None else [device] * len(specs)
         if len(devices) != len(specs):
             raise PartialRunError(f"{len(devices)} devices for {len(specs)} specs")
         self.directory = directory
-        manifest = read_manifest(directory)
-        model = os.path.basename(os.path.normpath(directory))
         links = []
         for spec, dev in zip(specs, devices, strict=True):
-            part = load_any_part(directory, spec, device=dev, dtype=dtype, pack=pack,
-                                 verify=verify, resident_layers=resident_layers,
-                                 packed_dir=packed_dir)  # fmt: skip
-            info = part_info(part, arch=manifest.arch, model=model,
-                             fingerprint=fingerprint(manifest))  # fmt: skip
+            part, info = load_with_info(directory, spec, device=dev, dtype=dtype, pack=pack,
+                                        verify=verify, resident_layers=resident_layers,
+                                        packed_dir=packed_dir)  # fmt: skip
             links.append(LocalLink(part, info=info))
         super().__init__(links)
 
