@@ -190,10 +190,7 @@ class Linears:
 
 def groups(module: nn.Module) -> list[Linears]:
     """Every :class:`Linears` held by ``module`` or its submodules."""
-    found = []
-    for sub in module.modules():
-        found += [v for v in vars(sub).values() if isinstance(v, Linears)]
-    return found
+    return [group for _, group in named_groups(module)]
 
 
 def named_groups(module: nn.Module) -> list[tuple[str, Linears]]:
