@@ -28,7 +28,7 @@ import transformers
 from llm_falcon_model import FalconConfig, part_from_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llama_decode import Ours, Theirs, load  # noqa: E402  (the same runners, family-agnostic)
+from llama_decode import Ours, Theirs, both_off, load, without_kernel  # noqa: E402  (the same runners, family-agnostic)
 
 FALCON_7B = dict(
     vocab_size=65024, hidden_size=4544, num_attention_heads=71, multi_query=True,
@@ -120,6 +120,10 @@ def main() -> None:
     parser.add_argument(
         "--torch-products", action="store_true", help="add the packed part on torch's products"
     )
+    parser.add_argument(
+        "--without-kernel", action="store_true",
+        help="add the packed part with llm_slice_core's decode kernel switched off",
+    )  # fmt: skip
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, float32, prompt "
           f"{args.prompt_len} tokens, {args.steps} decode steps, {args.rounds} interleaved "
@@ -136,7 +140,9 @@ def main() -> None:
         runners = [Theirs(model), Ours(packed, "llm_falcon_model"),
                    Ours(unpacked, "llm_falcon_model unpacked")]  # fmt: skip
         if args.torch_products:
-            runners.append(Ours(packed, "llm_falcon_model torch products", onednn=False))
+            runners.append(Ours(packed, "llm_falcon_model torch products", both_off))
+        if args.without_kernel:
+            runners.append(Ours(packed, "llm_falcon_model without kernel", without_kernel))
         for threads in args.threads:
             summary += measure(name, runners, options["vocab_size"], args, threads)
         del model, packed, unpacked, runners

@@ -119,15 +119,36 @@ def torch_products():
         products._ONEDNN_LINEAR = found
 
 
+@contextlib.contextmanager
+def without_kernel():
+    """Products off llm_slice_core's decode kernel meanwhile (oneDNN / torch, as where it cannot
+    be built; a bench-only switch: the layout stays the kernel's)."""
+    from llm_slice_core import kernel
+
+    kernel.library()
+    found, kernel._lib = kernel._lib, None
+    try:
+        yield
+    finally:
+        kernel._lib = found
+
+
+@contextlib.contextmanager
+def both_off():
+    """Neither the decode kernel nor oneDNN: torch's own products."""
+    with without_kernel(), torch_products():
+        yield
+
+
 def load() -> str:
     """The 1, 5 and 15 minute load averages, to print beside figures on a shared machine."""
     return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 class Ours:
-    def __init__(self, part, name: str = "llm_llama_model", onednn: bool = True):
+    def __init__(self, part, name: str = "llm_llama_model", products=contextlib.nullcontext):
         self.part, self.cache, self.name = part, None, name
-        self.products = contextlib.nullcontext if onednn else torch_products
+        self.products = products
 
     def prefill(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
         self.cache = self.part.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
@@ -253,6 +274,10 @@ def main() -> None:
     parser.add_argument(
         "--torch-products", action="store_true", help="add the packed part on torch's products"
     )
+    parser.add_argument(
+        "--without-kernel", action="store_true",
+        help="add the packed part with llm_slice_core's decode kernel switched off",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import transformers
@@ -293,7 +318,9 @@ def run(args: argparse.Namespace, part, unpacked, model, hf_version: str) -> Non
     prompts = {b: torch.randint(0, 49152, (b, args.prompt_len), generator=gen) for b in (1, 8)}
     runners = [Ours(part), Ours(unpacked, "llm_llama_model unpacked"), Theirs(model)]
     if args.torch_products:
-        runners.append(Ours(part, "llm_llama_model torch products", onednn=False))
+        runners.append(Ours(part, "llm_llama_model torch products", both_off))
+    if args.without_kernel:
+        runners.append(Ours(part, "llm_llama_model without kernel", without_kernel))
     results: dict = {}
     bandwidths = []
     with torch.inference_mode():

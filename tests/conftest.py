@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run the test on ``request.param`` torch threads (parametrize it ``indirect=True``),
+    restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llm_slice_core's decode kernel switched off meanwhile, as where no compiler can build
+    it: groups made meanwhile keep their model's layout, products take oneDNN / torch."""
+    from llm_slice_core import kernel
+
+    monkeypatch.setattr(kernel, "_lib", None)
+    monkeypatch.setattr(kernel, "_tried", True)
 
 
 @pytest.fixture(scope="session")

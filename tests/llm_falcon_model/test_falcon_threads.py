@@ -9,7 +9,6 @@ cut into column blocks.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ _spec.loader.exec_module(_parity)
 
 ATOL = 1e-4
 STEPS = 12
-
-
-@pytest.fixture
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Run the test on ``request.param`` torch threads, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def wide_head() -> transformers.FalconForCausalLM:
@@ -81,15 +71,19 @@ def test_decode_on_threads_equals_transformers(variant_name, pack, threads, kit,
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("paths", ["kernel", "packed onednn", "unpacked onednn"])
 @pytest.mark.parametrize(
     "variant_name", ["falcon-7b", "falcon-40b", "falcon-rw-alibi", "sequential-mha-bias"]
 )
 def test_decode_on_the_fast_paths_equals_transformers(
-    variant_name, pack, threads, kit, tmp_path, monkeypatch
+    variant_name, paths, threads, kit, tmp_path, monkeypatch, request
 ):
-    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight,
-    and every decode step's attention as one product per key/value head, however few heads."""
+    """Packed, every product on the decode kernel; or (the kernel off, as without a compiler,
+    and unpacked) every product of 2 rows or more (this batch of 2) on oneDNN, however small
+    its weight; and every decode step's attention as one product per key/value head."""
+    pack = paths != "unpacked onednn"
+    if paths != "kernel":
+        request.getfixturevalue("without_kernel")
     monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
     monkeypatch.setattr(grouped_attention, "GROUPED_MIN_HEADS", 1)
     test_decode_on_threads_equals_transformers(variant_name, pack, threads, kit, tmp_path)

@@ -7,7 +7,6 @@ set the thread count themselves. The block product itself is tested in tests/llm
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ _spec = importlib.util.spec_from_file_location(
 )
 _parity = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_parity)
-
-
-@pytest.fixture
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Run the test on ``request.param`` torch threads, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
@@ -68,11 +58,17 @@ def test_compiled_part_on_several_threads_equals_eager(threads, tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("paths", ["kernel", "packed onednn", "unpacked onednn"])
 @pytest.mark.parametrize("case", ["gqa", "biases", "wide_head"])
-def test_decode_on_the_fast_paths_equals_transformers(case, pack, threads, tmp_path, monkeypatch):
-    """Every product of 2 rows or more (this batch of 2) on oneDNN, however small its weight,
-    and every decode step's attention as one product per key/value head, however few heads."""
+def test_decode_on_the_fast_paths_equals_transformers(
+    case, paths, threads, tmp_path, monkeypatch, request
+):
+    """Packed, every product on the decode kernel; or (the kernel off, as without a compiler,
+    and unpacked) every product of 2 rows or more (this batch of 2) on oneDNN, however small
+    its weight; and every decode step's attention as one product per key/value head."""
+    pack = paths != "unpacked onednn"
+    if paths != "kernel":
+        request.getfixturevalue("without_kernel")
     monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)
     monkeypatch.setattr(grouped_attention, "GROUPED_MIN_HEADS", 1)
     model = _parity.hf_model(case)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from llm_slice_core import Linears, WeightsError
+from llm_slice_core import Linears, WeightsError, kernel
 from llm_slice_core.packing import drop_stale, named_groups, pack
 
 
@@ -40,7 +40,7 @@ def test_bias_after_is_the_product_then_the_bias_bit_for_bit():
         assert torch.equal(group(x), Linears(unbiased)(x) + lin.bias)
 
 
-def test_an_output_projection_keeps_its_layout_in_memory_of_its_own():
+def test_an_output_projection_keeps_its_layout_in_memory_of_its_own(without_kernel):
     lin = layers(True)[0]
     before = lin.weight.data_ptr()
     group = Linears(lin, transpose=False)
@@ -48,6 +48,17 @@ def test_an_output_projection_keeps_its_layout_in_memory_of_its_own():
     assert lin.weight.is_contiguous() and lin.weight.data_ptr() != before
     with pytest.raises(ValueError, match="single"):
         Linears(*layers(False), transpose=False)
+
+
+def test_with_the_decode_kernel_an_output_projection_is_stored_transposed_too():
+    assert kernel.available(), "the decode kernel could not be built here (see the log)"
+    lin = layers(True)[0]
+    group = Linears(lin, transpose=False)
+    group.pack()
+    assert group.transpose and set(group.stored_shapes()) == {"weight_t", "bias"}
+    assert group.weight_t.is_contiguous() and lin.weight.data_ptr() == group.weight_t.data_ptr()
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(group(x), x @ lin.weight.t() + lin.bias, atol=1e-6, rtol=0)
 
 
 def test_replaced_parameters_leave_a_stale_pack_that_is_dropped():
@@ -67,7 +78,9 @@ def test_replaced_parameters_leave_a_stale_pack_that_is_dropped():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("transpose", [True, False])
-def test_an_exported_pack_is_adopted_without_a_copy_and_computes_the_same(bias, transpose):
+def test_an_exported_pack_is_adopted_without_a_copy_and_computes_the_same(bias, transpose, request):
+    if not transpose:  # (with the decode kernel every group is stored transposed)
+        request.getfixturevalue("without_kernel")
     lins = layers(bias) if transpose else layers(bias)[:1]
     packed = Linears(*lins, transpose=transpose)
     packed.pack()

@@ -3,7 +3,6 @@ one, torch's own where oneDNN is missing; the blocks' custom op."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -11,15 +10,6 @@ import torch
 from torch import nn
 
 from llm_slice_core import SPLIT_MAX_ROWS, Linears, product, products, thread_splits
-
-
-@pytest.fixture
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Run the test on ``request.param`` torch threads, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("splits", [2, 3, 4, 7])
@@ -98,10 +88,14 @@ def group_of(transpose: bool, bias: bool) -> Linears:
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("kernel", [True, False])
 def test_products_of_1_to_16_rows_equal_the_matrix_product(
-    threads, packed, transpose, bias, residual, monkeypatch
+    threads, packed, transpose, bias, residual, kernel, monkeypatch, request
 ):
-    """Rows 2.. run on oneDNN (the bias fused), 1 row on torch; every layout, both equal x @ w."""
+    """Packed with the decode kernel, every row count on it; else rows 2.. on oneDNN (the bias
+    fused), 1 row on torch; every layout, all equal x @ w."""
+    if not kernel:
+        request.getfixturevalue("without_kernel")
     monkeypatch.setattr(products, "ONEDNN_MIN_WEIGHT", 0)  # these weights are small
     group = group_of(transpose, bias)
     if packed:
@@ -119,7 +113,7 @@ def test_products_of_1_to_16_rows_equal_the_matrix_product(
         torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_the_onednn_path_and_the_fallback_agree(monkeypatch):
+def test_the_onednn_path_and_the_fallback_agree(monkeypatch, without_kernel):
     """Both paths give the same products (fp32 rounding apart); where the op is missing every
     product takes torch's own path."""
     calls = []
@@ -163,7 +157,7 @@ def test_small_or_gradient_wanting_or_other_dtype_products_keep_torchs_path():
 
 
 @pytest.mark.skipif(not products._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
-def test_a_product_of_model_size_on_onednn_equals_the_matrix_product():
+def test_a_product_of_model_size_on_onednn_equals_the_matrix_product(without_kernel):
     """SmolLM2's gate and up side by side (576 -> 2 x 1536), 8 rows, packed: no threshold moved."""
     gen = torch.Generator().manual_seed(11)
     lins = [nn.Linear(576, 1536, bias=False).requires_grad_(False) for _ in range(2)]

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import kernel
 from .errors import WeightsError
 from .products import onednn_product, onednn_suits, product
 
@@ -44,7 +45,8 @@ class Linears:
             raise ValueError("only a single linear layer can be packed without transposing")
         self.linears = linears
         self.bias_after = bias_after
-        self.transpose = transpose
+        # the decode kernel reads [in, out] only: with it, every group is stored transposed
+        self.transpose = transpose or kernel.available()
         self.weight_t: torch.Tensor | None = None  # [in, sum(out)] once packed, else None
         self.bias: torch.Tensor | None = None
         self._pointers: list[int] = []
@@ -65,7 +67,11 @@ class Linears:
         return out if residual is None else out.add_(residual)
 
     def _affine(self, x, w_t, bias, splits: int, residual) -> torch.Tensor:
-        if onednn_suits(x, w_t):  # several rows on a CPU (see products): oneDNN
+        if kernel.suits(x, w_t, bias):  # a few float32 rows on a CPU, packed: the kernel
+            fuse = bias is not None and not self.bias_after
+            out = kernel.product(x, w_t, bias if fuse else None)
+            bias = None if fuse else bias
+        elif onednn_suits(x, w_t):  # several rows on a CPU (see products): oneDNN
             fuse = bias is not None and not self.bias_after
             out = onednn_product(x, w_t, bias if fuse else None)
             bias = None if fuse else bias

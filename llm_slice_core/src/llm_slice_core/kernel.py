@@ -1,0 +1,166 @@
+"""The decode product kernel: ``x [M, K] @ w_t [K, N] (+ bias)`` for a few float32 rows on a CPU.
+
+A decode step reads every weight once for a handful of input rows, so its speed is the speed
+at which the products stream weights from memory. torch's own product reads a packed
+``[in, out]`` weight at the memory's speed for one row but at a quarter of it for 4-8 rows,
+oneDNN's at about half for any row count (measured on SmolLM2 and Falcon-7B shapes, weights
+coming from DRAM). ``_kernel.cpp`` reads it 8 rows at a time in sequential streams and keeps
+the outputs of up to 8 input rows in registers, so it reads at close to the memory's speed for
+1-8 rows (9-16: the weight twice), splitting columns over torch's threads.
+
+It is C++ built once per machine with the host compiler (``$CXX`` or ``c++``, ``-O3
+-march=native``, against the installed torch's headers, ~1 s) into
+``$XDG_CACHE_HOME/llm_microlibs/kernels`` (else ``~/.cache/...``), on first use, and loaded
+with ctypes. Where it cannot be built (no compiler) or is switched off
+(``LLM_SLICE_CORE_KERNEL=0``), :func:`available` is False and products take oneDNN/torch as
+before; a failed build is logged once as a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Products with more input rows than this take oneDNN (prefill: arithmetic-bound, where its
+# blocking wins; 9-16 rows read the weight twice here and still win).
+KERNEL_MAX_ROWS = 16
+
+_SOURCE = Path(__file__).with_name("_kernel.cpp")
+_log = logging.getLogger(__name__)
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm_microlibs" / "kernels"
+
+
+def _torch_dirs() -> tuple[str, str]:
+    root = Path(torch.__file__).resolve().parent
+    return str(root / "include"), str(root / "lib")
+
+
+def _commands(compiler: str, source: Path, target: Path) -> list[list[str]]:
+    """Compiler command lines to try in turn: tuned for this CPU with OpenMP (torch's threads),
+    then portable ones for compilers without ``-march=native`` or ``-fopenmp``."""
+    include, lib = _torch_dirs()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    common = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", abi,
+              "-I", include, str(source), "-o", str(target),
+              "-L", lib, "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]  # fmt: skip
+    return [
+        [compiler, "-march=native", "-fopenmp", *common],
+        [compiler, "-march=native", *common],
+        [compiler, *common],
+    ]
+
+
+def _build() -> Path:
+    """Path of the built kernel library for this source, torch and machine (built if missing)."""
+    compiler = os.environ.get("CXX") or "c++"
+    source = _SOURCE.read_bytes()
+    key = [source, compiler.encode(), torch.__version__.encode(), torch.__file__.encode(),
+           platform.machine().encode(), platform.python_version().encode()]  # fmt: skip
+    digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:24]
+    target = _cache_dir() / f"product-{digest}.so"
+    if target.exists():
+        return target
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for command in _commands(compiler, _SOURCE, target):
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        command[command.index(str(target))] = str(partial)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(partial, target)  # atomic: a concurrent build writes the same file
+            return target
+        partial.unlink(missing_ok=True)
+        errors.append(done.stderr.strip().splitlines()[-1:] or ["(no output)"])
+    raise RuntimeError(f"{compiler} failed: {errors[0][0]}")
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("LLM_SLICE_CORE_KERNEL", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _log.warning("llm_slice_core: the CPU decode kernel is not available (%s); "
+                     "products use oneDNN/torch instead (slower decoding)", exc)  # fmt: skip
+        return None
+    fn = lib.llm_slice_core_product
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+    cpu = torch.device("cpu")  # (explicit: a model may be built under a meta device context)
+    x, w = torch.arange(6.0, device=cpu).view(2, 3), torch.arange(12.0, device=cpu).view(3, 4)
+    b, y = torch.ones(4, device=cpu), torch.empty(2, 4, device=cpu)
+    fn(x.data_ptr(), 2, 3, w.data_ptr(), 4, b.data_ptr(), y.data_ptr())
+    if not torch.equal(y, x @ w + b):
+        _log.warning("llm_slice_core: the CPU decode kernel computed a wrong product; not used")
+        return None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first call; None where it is not available."""
+    global _lib, _tried
+    if not _tried:
+        _lib, _tried = _load(), True
+    return _lib
+
+
+def available() -> bool:
+    """True when the kernel is built and loaded (see the module doc)."""
+    return library() is not None
+
+
+def suits(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """True when ``x [M, K] @ w_t [K, N]`` runs on the kernel: it is available; float32 on a
+    CPU; 1 to :data:`KERNEL_MAX_ROWS` rows; ``w_t`` row-major contiguous (a packed
+    ``weight_t``), ``bias`` (if any) contiguous float32; no gradient wanted; not compiling."""
+    return (
+        x.dim() == 2
+        and 0 < x.shape[0] <= KERNEL_MAX_ROWS
+        and x.dtype == torch.float32
+        and w_t.dtype == torch.float32
+        and x.device.type == "cpu"
+        and w_t.device.type == "cpu"
+        and w_t.dim() == 2
+        and w_t.is_contiguous()
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and not (torch.is_grad_enabled() and (x.requires_grad or w_t.requires_grad))
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+@torch.compiler.disable
+def product(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w_t + bias`` on the kernel (a new ``[M, N]`` tensor); only where :func:`suits`."""
+    x = x.contiguous()
+    (rows, inputs), outputs = x.shape, w_t.shape[1]
+    if w_t.shape[0] != inputs or (bias is not None and bias.shape != (outputs,)):
+        raise ValueError(
+            f"kernel product of x {tuple(x.shape)} and w_t {tuple(w_t.shape)}"
+            f"{'' if bias is None else f' with bias {tuple(bias.shape)}'} does not fit"
+        )
+    y = torch.empty(rows, outputs, dtype=torch.float32, device="cpu")
+    library().llm_slice_core_product(
+        x.data_ptr(), rows, inputs, w_t.data_ptr(), outputs,
+        None if bias is None else bias.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    return y
