@@ -43,7 +43,8 @@ CALLS_TIMEOUT = 6.0  # in the calls scenario, which idles past it once
 def test_header_round_trips_every_field():
     header = Header(Kind.FORWARD, session=7, step=3, a=2, b=64, first=1, last=2,
                     x_dtype=torch.bfloat16, x_shape=(2, 5, 576), mask=True, nbytes=11,
-                    nanos=12345, status=Status.REFUSED, inline=True, hops=3)  # fmt: skip
+                    nanos=12345, status=Status.REFUSED, inline=True, hops=3,
+                    ahead=2)  # fmt: skip
     raw = header.to_bytes()
     assert len(raw) == HEADER_BYTES and int.from_bytes(raw[:8], "little") == MAGIC
     assert Header.unpack_from(raw) == header
@@ -61,7 +62,7 @@ def test_header_carries_every_dtype(dtype):
 def test_a_foreign_header_is_refused_with_the_reason():
     bad = bytearray(Header(Kind.PING).to_bytes())
     bad[0:8] = (0x4C4D_5052_0000_0001).to_bytes(8, "little")  # wire version 1
-    with pytest.raises(PartialRunError, match="not llm_partial_run wire version 2"):
+    with pytest.raises(PartialRunError, match="not llm_partial_run wire version 3"):
         Header.unpack_from(bad)
     bad = bytearray(Header(Kind.PING).to_bytes())
     bad[8] = 55  # no such kind
@@ -135,6 +136,53 @@ def test_messages_round_trip_one_buffer_when_small_in_pieces_when_large(on_cuda)
             (HEAD_TAG, HEADER_BYTES), (BULK_TAG, 4), (BULK_TAG, big),
             (HEAD_TAG, HEADER_BYTES),
         ]  # fmt: skip
+
+
+class _PeerGroup(_FakeGroup):
+    """A fake group with a queue per peer and tag that logs, in order, each receive posted and
+    each message sent (one rank's traffic, in one process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def send(self, tensors, peer, tag):
+        self.events.append(f"send to {peer}")
+        return super().send(tensors, peer, (peer, tag))
+
+    def recv(self, tensors, peer, tag):
+        self.events.append(f"post from {peer}")
+        return super().recv(tensors, peer, (peer, tag))
+
+
+def test_a_rank_posts_its_next_receive_early_only_while_calls_are_in_flight():
+    # posting a receive wakes the sender's IO thread: a rank posts the next one once it has
+    # passed the current call on, unless rank 0 said more calls are right behind it (ahead)
+    from llm_partial_run.dist import serve_rank
+    from llm_partial_run.local import LocalLink, part_info
+    from llm_partial_run.wire import HEAD_TAG, Sender, described
+
+    group = _PeerGroup()
+    groups = SimpleNamespace(rank=1, world_size=3, previous=0, next=2, headers=group, data=group,
+                             on_cuda=False, device=torch.device("cpu"), timeout=5.0)  # fmt: skip
+    rank0 = Sender(groups, 0)  # queues what rank 1 will receive from rank 0
+    x = torch.ones(1, 1, 4)
+    calls = [described(Kind.OPEN_SESSION, session=1, a=1, b=8, first=1, last=1),
+             described(Kind.FORWARD, x, session=1, step=0, first=1, last=1),
+             described(Kind.FORWARD, x, session=1, step=1, first=1, last=1, ahead=1),
+             described(Kind.STOP, first=1, last=2)]  # fmt: skip
+    for header, tensors in calls:
+        rank0.send(header, b"", tensors)
+    group.events.clear()
+    part = FakePart(1)
+    serve_rank(LocalLink(part, info=part_info(part, arch="fake"), name="rank 1"), groups)
+    assert group.events == ["post from 0", "send to 2",  # OPEN_SESSION, nothing ahead
+                            "post from 0", "send to 2",  # step 0, nothing ahead
+                            "post from 0", "post from 0", "send to 2",  # step 1, one ahead
+                            "send to 2"]  # fmt: skip  # STOP: passed on, nothing posted after
+    out = [group.queues[(2, HEAD_TAG)][i] for i in (1, 2)]  # the steps, passed on to rank 2
+    got = [Header.unpack_from(bytes(o[:HEADER_BYTES].tolist())) for o in out]
+    assert [(h.kind, h.step, h.ahead) for h in got] == [(Kind.FORWARD, 0, 0), (Kind.FORWARD, 1, 1)]
 
 
 # ---- planning the parts -----------------------------------------------------------------------

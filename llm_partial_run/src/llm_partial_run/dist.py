@@ -216,11 +216,17 @@ class _Ring:
             if self.failed is not None or self.stopped is not None:
                 raise self.failed or self.stopped
             try:
+                if self._sent > self._read:  # in flight: the ranks post their receives early
+                    header = replace(header, ahead=self._sent - self._read)
                 sent = self.sender.send(header, payload, tensors)
             except RuntimeError as exc:
                 raise self.fail(
                     1, f"sending {header.kind.name} failed: {_first_line(exc)}"
                 ) from exc
+            try:  # the result's receive, once the call is out (off the path it waits on)
+                self.receiver.post()
+            except RuntimeError as exc:
+                raise self.fail(self.groups.previous, f"gone: {_first_line(exc)}") from exc
             ticket = self._sent
             self._sent += 1
             self.last_used = time.monotonic()
@@ -233,7 +239,9 @@ class _Ring:
             if self.failed is not None:
                 raise self.failed
             try:
-                message = self.receiver.recv()
+                message = self.receiver.recv(post_next=False)
+                if self._sent > self._read + 1:  # another result is on its way
+                    self.receiver.post()
             except RuntimeError as exc:
                 last = self.groups.previous
                 raise self.fail(last, f"no answer to {kind.name}: {_first_line(exc)}") from exc
@@ -628,7 +636,12 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
     unsent: deque[Sent] = deque()  # sends not waited on yet (the next rank takes them in order)
     while True:
         try:
-            message = inbox.recv()
+            # the next receive is posted at once only when rank 0 has more calls in flight; else
+            # when this call has been passed on (the loop's next recv): posting sends the
+            # previous rank a "ready" that wakes its IO thread, and a step waits on none of it
+            message = inbox.recv(post_next=False)
+            if message.header.ahead:
+                inbox.post()
         except RuntimeError as exc:
             error = NodeError(f"rank {previous}", f"gone or silent: {_first_line(exc)}")
             _pass_abort(outbox, Header(Kind.ABORT, a=previous, b=rank), error.reason)
@@ -694,7 +707,8 @@ def _execute(
             mask = message.mask if rank < header.last else None  # the next part needs it
             head = Header(Kind.FORWARD, header.session, header.step, first=header.first,
                           last=header.last, x_dtype=out.dtype, x_shape=tuple(out.shape),
-                          mask=mask is not None, nanos=nanos, hops=header.hops)  # fmt: skip
+                          mask=mask is not None, nanos=nanos, hops=header.hops,
+                          ahead=header.ahead)  # fmt: skip
             return head, b"", [out] if mask is None else [out, mask]
         if header.kind == Kind.OPEN_SESSION:
             link.open_session(sid, header.a, header.b)

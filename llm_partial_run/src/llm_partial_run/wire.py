@@ -8,10 +8,12 @@ always does) it travels as one gloo message; a larger one goes as the header alo
 payload and each tensor as messages of their own on :data:`BULK_TAG`. On CUDA the tensors
 always follow on the data group (NCCL), device to device, never through the host.
 
-Receives are posted ahead: a :class:`Receiver` posts the receive of the next message as soon as
-the current one has arrived, before handling it. A gloo send to a peer whose receive is posted
-goes out at once; to one that has not posted it yet, it first announces itself and waits for the
-peer's "ready" (three trips instead of one).
+Receives are posted ahead: a :class:`Receiver` posts the receive of a peer's next message before
+it is due. A gloo send to a peer whose receive is posted goes out at once; to one that has not
+posted it yet, it first announces itself and waits for the peer's "ready" (three trips instead of
+one). Posting is what sends that "ready" (a write that wakes the peer's IO thread), so the owner
+picks the moment (:meth:`Receiver.recv`'s ``post_next``): at once when the next message may
+already be coming, else once the current one has been handled and passed on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -28,13 +31,13 @@ import torch
 
 from .errors import PartialRunError
 
-HEADER_LEN = 20
+HEADER_LEN = 21
 """int64 values in a header."""
 HEADER_BYTES = HEADER_LEN * 8
 INLINE_BYTES = 1 << 20
 """A message up to this size travels as one buffer: each gloo message costs a handshake."""
-MAGIC = 0x4C4D_5052_0000_0002
-"""First value of every header: ``"LMPR"`` and the wire version (2)."""
+MAGIC = 0x4C4D_5052_0000_0003
+"""First value of every header: ``"LMPR"`` and the wire version (3)."""
 HEAD_TAG, BULK_TAG = 0, 1
 """Gloo tags: whole messages and headers on one, the pieces of a large message on the other
 (so a receive posted ahead for the next header never takes a piece of the current message)."""
@@ -83,7 +86,9 @@ class Header:
     that follows (None: none) and ``mask`` says whether a bool ``[B, T]`` mask follows it;
     ``nbytes``: the byte payload's length; ``nanos``: the compute time of the ranks that ran it;
     ``status``: a :class:`Status`; ``inline``: the payload and tensors came in the header's own
-    buffer; ``hops``: the transfers the message has made so far.
+    buffer; ``hops``: the transfers the message has made so far; ``ahead``: the calls rank 0
+    had in flight round the ring when it sent this one (0: the ring was idle, so the rank's next
+    message is at least a whole step away).
     """
 
     kind: Kind
@@ -101,6 +106,7 @@ class Header:
     status: int = 0
     inline: bool = False
     hops: int = 0
+    ahead: int = 0
 
     def values(self) -> list[int]:
         """The header's int64 values, in wire order."""
@@ -113,7 +119,7 @@ class Header:
         return [MAGIC, int(self.kind), self.session, self.step, self.a, self.b, self.first,
                 self.last, DTYPES.index(self.x_dtype), len(self.x_shape), *shape,
                 int(self.mask), self.nbytes, self.nanos, int(self.status), int(self.inline),
-                self.hops]  # fmt: skip
+                self.hops, self.ahead]  # fmt: skip
 
     def pack_into(self, buffer: bytearray | memoryview, offset: int = 0) -> None:
         """Write the header's bytes into ``buffer`` at ``offset``."""
@@ -132,7 +138,7 @@ class Header:
         v = _FORMAT.unpack_from(buffer, offset)
         if v[0] != MAGIC:
             raise PartialRunError(
-                f"received a header that is not llm_partial_run wire version 2 (magic "
+                f"received a header that is not llm_partial_run wire version 3 (magic "
                 f"{v[0]:#x}): run the same llm_partial_run on every rank"
             )
         kind, dtype, ndim, status = v[1], v[8], v[9], v[17]
@@ -141,12 +147,13 @@ class Header:
             or not 0 <= ndim <= MAX_NDIM
             or not 0 <= dtype < len(DTYPES)
             or v[15] < 0
+            or v[20] < 0
             or status not in Status._value2member_map_
         ):
             raise PartialRunError(f"malformed header {list(v)}")
         return cls(Kind(kind), v[2], v[3], v[4], v[5], v[6], v[7], DTYPES[dtype],
                    tuple(v[10 : 10 + ndim]), bool(v[14]), v[15], v[16], status, bool(v[18]),
-                   v[19])  # fmt: skip
+                   v[19], v[20])  # fmt: skip
 
 
 @dataclass
@@ -196,27 +203,37 @@ class Receiver:
         self.pool = pool or Pool()
         self._span = datetime.timedelta(seconds=groups.timeout)
         self._posted: tuple[Any, _Buffer] | None = None
+        self._lock = threading.Lock()  # rank 0 posts from its sending and its reading thread
         self.received = 0
         """Messages received from ``peer``."""
 
     def post(self) -> None:
-        """Post the receive of the next message (done by :meth:`recv`; harmless twice)."""
-        if self._posted is None:
-            buffer = self.pool.take()
-            # the process group's own call: torch.distributed's wrapper costs as much again
-            work = self.groups.headers.recv([buffer.tensor], self.peer, HEAD_TAG)
-            self._posted = (work, buffer)
+        """Post the receive of the next message (harmless twice; safe from several threads).
 
-    def recv(self, timeout: float | None = None) -> Message:
+        Posting sends the peer a "ready" (a write to its socket that wakes its IO thread), so
+        the caller picks the moment: :meth:`recv` posts the next receive itself unless told not
+        to, and a rank that knows its next message is far off posts once it has passed the
+        current one on (off the path a step waits on)."""
+        with self._lock:
+            if self._posted is None:
+                buffer = self.pool.take()
+                # the process group's own call: torch.distributed's wrapper costs as much again
+                work = self.groups.headers.recv([buffer.tensor], self.peer, HEAD_TAG)
+                self._posted = (work, buffer)
+
+    def recv(self, timeout: float | None = None, *, post_next: bool = True) -> Message:
         """The next message (tensors copied out of the buffer, on this rank's device). Waits
         at most ``timeout`` seconds (default the groups') for each piece; RuntimeError from
-        torch.distributed when the peer is gone or silent."""
+        torch.distributed when the peer is gone or silent. ``post_next``: post the next
+        message's receive before this one is read (else the caller calls :meth:`post`)."""
         self.post()
         work, buffer = self._posted
         span = self._span if timeout is None else datetime.timedelta(seconds=timeout)
         work.wait(span)  # a failed wait leaves this receive posted: the wire is broken anyway
-        self._posted = None
-        self.post()  # the next message's receive, before this one is handled
+        with self._lock:
+            self._posted = None
+        if post_next:
+            self.post()  # the next message's receive, before this one is handled
         try:
             message = self._read(buffer, span)
         finally:
