@@ -33,10 +33,10 @@ def test_every_row_count_and_odd_shape_equals_the_matrix_product(threads, inputs
     gen = torch.Generator().manual_seed(inputs * outputs)
     w = torch.randn(inputs, outputs, generator=gen)
     b = torch.randn(outputs, generator=gen)
-    for rows in range(1, kernel.KERNEL_MAX_ROWS + 1):
+    for rows in [*range(1, kernel.KERNEL_MAX_ROWS + 1), 13, 16]:  # (> 8: two row groups)
         x = torch.randn(rows, inputs, generator=gen)
         for bias in (None, b):
-            assert kernel.suits(x, w, bias)
+            assert kernel.suits(x, w, bias) == (rows <= kernel.KERNEL_MAX_ROWS)
             torch.testing.assert_close(
                 kernel.product(x, w, bias), reference(x, w, bias), atol=1e-5, rtol=1e-5
             )

@@ -1,4 +1,6 @@
-"""Matrix products of decode steps on CPU: oneDNN for a few rows, one block per thread for one.
+"""Matrix products on CPU off the decode kernel: oneDNN for several rows, blocks for one.
+
+Where :mod:`~.kernel` (a packed float32 weight, 1-8 rows) does not take a product, these do:
 
 A decode step streams every weight through products of a few input rows, and torch's own CPU
 products are slow there: one row runs single-threaded, and 2-16 rows read the weight at half the
