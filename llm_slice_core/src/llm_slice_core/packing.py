@@ -99,19 +99,26 @@ class Linears:
             else:
                 weight_t = torch.empty(first.shape, **factory).t()
             biased = self.linears[0].bias is not None
-            self.bias = torch.empty(total, **factory) if biased else None
+            bias = torch.empty(total, **factory) if biased else None
             offset = 0
             for lin in self.linears:
                 rows = lin.weight.shape[0]
-                block = weight_t[:, offset : offset + rows]
-                block.copy_(lin.weight.t())
-                lin.weight = nn.Parameter(block.t(), requires_grad=False)
-                if self.bias is not None:
-                    piece = self.bias[offset : offset + rows]
-                    piece.copy_(lin.bias)
-                    lin.bias = nn.Parameter(piece, requires_grad=False)
+                weight_t[:, offset : offset + rows].copy_(lin.weight.t())
+                if bias is not None:
+                    bias[offset : offset + rows].copy_(lin.bias)
                 offset += rows
-        self.weight_t = weight_t
+        self._become(weight_t, bias)
+
+    def _become(self, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Make ``weight_t`` / ``bias`` the pack, the layers' parameters views into them."""
+        offset = 0
+        for lin in self.linears:
+            rows = lin.out_features
+            lin.weight = nn.Parameter(weight_t[:, offset : offset + rows].t(), requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
+            offset += rows
+        self.weight_t, self.bias = weight_t, bias
         self._pointers = self._current()
 
     def unpack(self) -> None:
@@ -174,16 +181,7 @@ class Linears:
                     f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}"
                 )
         weight_t = tensors["weight_t"] if self.transpose else tensors["weight"].t()
-        bias = tensors.get("bias")
-        offset = 0
-        for lin in self.linears:
-            rows = lin.out_features
-            lin.weight = nn.Parameter(weight_t[:, offset : offset + rows].t(), requires_grad=False)
-            if bias is not None:
-                lin.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
-            offset += rows
-        self.weight_t, self.bias = weight_t, bias
-        self._pointers = self._current()
+        self._become(weight_t, tensors.get("bias"))
 
     def _current(self) -> list[int]:
         pointers = [lin.weight.data_ptr() for lin in self.linears]
