@@ -93,5 +93,5 @@ def test_join_refuses_caches_that_do_not_fit():
     fill(long, [[1] * 5], 0)
     with pytest.raises(CacheError, match="max_len 4"):
         running.join(long)
-    with pytest.raises(CacheError, match="another KVCache"):
+    with pytest.raises(CacheError, match="cannot join itself"):
         running.join(running)

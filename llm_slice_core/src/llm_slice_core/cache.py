@@ -220,7 +220,9 @@ class KVCache:
         self.length = length + by
 
     def _check_joinable(self, other: KVCache) -> None:
-        if not isinstance(other, KVCache) or other is self:
+        if other is self:
+            raise CacheError("a cache cannot join itself: other must be another KVCache")
+        if not isinstance(other, KVCache):
             raise CacheError(f"other must be another KVCache, got {type(other).__name__}")
         other._check_usable()
         mine = (len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
