@@ -25,11 +25,12 @@ inline v8 load(const float* p) { return *reinterpret_cast<const v8*>(p); }
 inline void store(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
 
 constexpr int64_t kChunk = 4096;  // columns per pass: the output rows stay in L1/L2
+constexpr int64_t kNarrow = 1024;  // up to this many columns (per thread), prefetch explicitly
 
 // y[0:MR, n0:n1] = (first ? bias or 0 : y) + x[0:MR, 0:KB] @ w[0:KB, n0:n1]
 template <int MR, int KB>
 void block(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
-           int64_t n0, int64_t n1, const float* bias, bool first) {
+           int64_t n0, int64_t n1, const float* bias, bool first, bool ahead) {
   float xs[KB][MR];
   for (int k = 0; k < KB; k++)
     for (int m = 0; m < MR; m++) xs[k][m] = x[m * ldx + k];
@@ -44,6 +45,7 @@ void block(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, i
     }
     for (int k = 0; k < KB; k++) {
       const float* row = w + k * ldw + j;
+      if (ahead) __builtin_prefetch(row + KB * ldw);  // the same strip of the next 8 rows
       const v8 w0 = load(row), w1 = load(row + 8);
       for (int m = 0; m < MR; m++) {
         a0[m] += xs[k][m] * w0;
@@ -65,11 +67,16 @@ void block(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, i
 template <int MR>
 void rows(const float* x, int64_t K, const float* w, int64_t N, float* y, const float* bias,
           int64_t n0, int64_t n1) {
+  // a narrow weight's 8 rows are short streams the hardware prefetcher starts late: ask ahead
+  const bool narrow = n1 - n0 <= kNarrow;
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(c0 + kChunk, n1);
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) block<MR, 8>(x + k, K, w + k * N, N, y, N, c0, c1, bias, k == 0);
-    for (; k < K; k++) block<MR, 1>(x + k, K, w + k * N, N, y, N, c0, c1, bias, k == 0);
+    for (; k + 8 <= K; k += 8) {
+      const bool ahead = narrow && k + 16 <= K;
+      block<MR, 8>(x + k, K, w + k * N, N, y, N, c0, c1, bias, k == 0, ahead);
+    }
+    for (; k < K; k++) block<MR, 1>(x + k, K, w + k * N, N, y, N, c0, c1, bias, k == 0, false);
   }
 }
 
