@@ -42,6 +42,7 @@ QUICK: dict[str, list[str]] = {
     "llama_decode_cuda": ["--rounds", "1", "--steps", "4"],
     "pipeline": ["--tokens", "8", "--rounds", "1"],
     "pipeline_dist": ["--tokens", "8", "--rounds", "1"],
+    "products": ["--rounds", "1", "--megabytes", "100", "--threads", "1"],
     "sampler": ["--repeats", "3", "--steps", "16"],
     "socket_rpc": ["--rounds", "2"],
 }
