@@ -194,7 +194,7 @@ def rank_main(args: argparse.Namespace) -> None:
     by round alternated, the ranks, the socket nodes and one process (the whole model loaded
     here too), and prints ``result {json}``."""
     from llm_partial_run.dist import Cluster, close_ranks, forward_in_flight, init_ranks, serve_rank
-    from llm_partial_run.launch import auto_parts
+    from llm_partial_run.launch import auto_parts, rank_specs
     from llm_partial_run.local import LocalLink
     from llm_partial_run.parts import load_any_part
     from llm_partial_run.session import LocalModel, Pipeline
@@ -202,10 +202,13 @@ def rank_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     groups = init_ranks("cpu", timeout=300)
-    spec = auto_parts(read_manifest(args.dir), groups.world_size)[groups.rank]
-    link = LocalLink(load_any_part(args.dir, spec, verify=False), name=f"rank {groups.rank}")
+    ring = args.layout == "ring"
+    specs = auto_parts(read_manifest(args.dir), groups.world_size, end_on_rank0=ring)
+    spec = specs[groups.rank]
+    own = [LocalLink(load_any_part(args.dir, s, verify=False), name=f"rank {groups.rank} [{s}]")
+           for s in rank_specs(spec)]  # fmt: skip
     if groups.rank:
-        serve_rank(link, groups)
+        serve_rank(own[0], groups)
         close_ranks()
         return
     decode = _pipeline_module().decode
@@ -213,7 +216,7 @@ def rank_main(args: argparse.Namespace) -> None:
     sockets = Pipeline(args.nodes.split(","))
     found: dict[str, list] = {"dist": [], "socket": [], "flight": [], "one": [], "batch": []}
     with Cluster(groups) as cluster:
-        pipeline = Pipeline(cluster.chain(link))
+        pipeline = Pipeline(cluster.chain(own))
         for source in (pipeline, sockets, model):
             decode(source, 4)  # warm up
         _greedy_in_flight(pipeline, forward_in_flight, args.flight, 2)
@@ -227,7 +230,7 @@ def rank_main(args: argparse.Namespace) -> None:
             found["one"].append(one)
             found["batch"].append(batch)
     sockets.close()
-    result = {"ranks": groups.world_size, "hops": groups.world_size - 1}
+    result = {"ranks": groups.world_size, "hops": groups.world_size - 1, "parts": specs}
     for name in ("dist", "socket"):
         runs = found[name]
         result[name] = [statistics.median(r[i] for r in runs) for i in range(4)]
@@ -247,14 +250,18 @@ def _free_port() -> int:
 
 
 def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rounds: int,
-              flight: int, threads: int, echo: bool = False) -> dict:  # fmt: skip
-    """Start ``ranks`` ranks under torchrun on 127.0.0.1 and return rank 0's measurements."""
+              flight: int, threads: int, echo: bool = False,
+              layout: str = "ring") -> dict:  # fmt: skip
+    """Start ``ranks`` ranks under torchrun on 127.0.0.1 and return rank 0's measurements
+    (``layout``: the auto parts' -- ``ring``, rank 0 holding the end too; ``line``, the last
+    rank holding it)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(Path(__file__).resolve()), "--rank-main",
            "--dir", str(directory), "--tokens", str(tokens), "--rounds", str(rounds),
            "--flight", str(flight), "--threads", str(threads),
-           "--nodes", ",".join(nodes), *(["--echo"] if echo else [])]  # fmt: skip
+           "--nodes", ",".join(nodes), "--layout", layout,
+           *(["--echo"] if echo else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
@@ -264,13 +271,16 @@ def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rou
 
 
 def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: int = 3,
-               threads: int = 1, ranks: tuple[int, ...] = (2, 3)) -> list[str]:  # fmt: skip
+               threads: int = 1, ranks: tuple[int, ...] = (2, 3),
+               layouts: tuple[str, ...] = ("ring",)) -> list[str]:  # fmt: skip
     """The torch.distributed lines of the pipeline bench (for bench/pipeline.py), measured now.
 
-    For each rank count, one torchrun launch whose rank 0 alternates, round by round: batch-1
-    decode over the ranks and over 2 socket_rpc nodes (per-hop overhead side by side), and
-    ``flight`` sequences in flight over the ranks vs one process (the whole model in rank 0's
-    process) decoding them one after another, and as one batch.
+    For each rank count and parts layout (``ring``: the launcher's auto parts, rank 0 holding
+    begin and end; ``line``: the last rank holding end, so logits cross the wire), one torchrun
+    launch whose rank 0 alternates, round by round: batch-1 decode over the ranks and over 2
+    socket_rpc nodes (per-hop overhead side by side), and ``flight`` sequences in flight over
+    the ranks vs one process (the whole model in rank 0's process) decoding them one after
+    another, and as one batch.
     """
     bench = _pipeline_module()
     echo = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-node"],
@@ -284,9 +294,11 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
         nodes = [bench.ready(p) for p in procs]
         results = []
         for n in ranks:
-            results.append(run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds,
-                                     flight=flight, threads=threads))  # fmt: skip
-            results[-1]["load"] = os.getloadavg()[0]  # over the last minute: during the run
+            for layout in layouts:
+                results.append(run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds,
+                                         flight=flight, threads=threads,
+                                         layout=layout))  # fmt: skip
+                results[-1]["load"] = os.getloadavg()[0]  # over the last minute: the run's
     finally:
         echo.stdin.close()
         echo.wait()
@@ -305,7 +317,8 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
         swall, scompute = r["socket"][0], r["socket"][1]
         hop, shop = (wall - compute) / hops * 1e3, (swall - scompute) / 2 * 1e3
         lines.append(
-            f"  {n} gloo ranks: {wall * 1e3:6.2f} ms/token (compute {compute * 1e3:6.2f}), "
+            f"  {n} gloo ranks ({' | '.join(r['parts'])}): {wall * 1e3:6.2f} ms/token (compute "
+            f"{compute * 1e3:6.2f}), "
             f"overhead {hop:5.2f} ms/hop; 2 socket_rpc nodes alternated: {swall * 1e3:6.2f} "
             f"ms/token, {shop:5.2f} ms/hop: gloo/socket {hop / shop:4.2f}x (target <= 1x) "
             f"[load {r['load']:.1f}]"
@@ -326,6 +339,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (medians)")
     parser.add_argument("--flight", type=int, default=3, help="sequences in flight")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--layout", choices=("ring", "line", "both"), default="ring",
+                        help="auto parts: rank 0 holds the end (ring, the launcher's), the last "
+                        "rank does (line), or both, one launch each")  # fmt: skip
     parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
@@ -342,8 +358,9 @@ def main() -> None:
     print(f"SmolLM2-135M decode over torch.distributed (gloo, CPU), {args.tokens} tokens x "
           f"{args.rounds} rounds, {args.threads} torch thread(s) per process, "
           f"{os.cpu_count()} CPUs")  # fmt: skip
+    layouts = ("ring", "line") if args.layout == "both" else (args.layout,)
     for line in dist_lines(directory, tokens=args.tokens, rounds=args.rounds, flight=args.flight,
-                           threads=args.threads):  # fmt: skip
+                           threads=args.threads, layouts=layouts):  # fmt: skip
         print(line, flush=True)
 
 

@@ -194,20 +194,34 @@ def _manifest(begin: int, mids: list[int], end: int) -> Manifest:
     return Manifest(arch="llama", num_layers=len(mids), dtype="float32", files=files)
 
 
-def test_auto_parts_cut_equal_weight_bytes():
-    # begin and end each weigh three layers: a cut by layer count (0-4 | 4-8 | 8-12) would give
-    # 7 | 4 | 7; by bytes every rank holds 6
-    assert auto_parts(_manifest(3, [1] * 12, 3), 3) == ["b 0-3", "3-9", "9-12 e"]
-    assert auto_parts(_manifest(0, [1] * 6, 0), 3) == ["b 0-2", "2-4", "4-6 e"]
+def test_auto_parts_cut_equal_weight_bytes_round_the_ring():
+    # rank 0 holds the end (the head) too, its bytes counted there: begin and end each weigh
+    # three layers, so with 3 ranks rank 0 holds begin and end alone and the others 6 layers
+    assert auto_parts(_manifest(3, [1] * 12, 3), 3) == ["b + e", "0-6", "6-12"]
+    assert auto_parts(_manifest(0, [1] * 6, 0), 3) == ["b 0-2 + e", "2-4", "4-6"]
+    assert auto_parts(_manifest(2, [1] * 8, 2), 2) == ["b 0-2 + e", "2-8"]
     assert auto_parts(_manifest(5, [1] * 4, 1), 1) == ["b 0-4 e"]
+    assert auto_parts(_manifest(1, [1] * 2, 1), 3) == ["b + e", "0-1", "1-2"]
     with pytest.raises(ChainError, match="at least one layer"):
-        auto_parts(_manifest(1, [1] * 2, 1), 3)
+        auto_parts(_manifest(1, [1] * 2, 1), 4)
+
+
+def test_auto_parts_with_the_end_on_the_last_rank():
+    # a cut by layer count (0-4 | 4-8 | 8-12) would give 7 | 4 | 7; by bytes every rank holds 6
+    line = {"end_on_rank0": False}
+    assert auto_parts(_manifest(3, [1] * 12, 3), 3, **line) == ["b 0-3", "3-9", "9-12 e"]
+    assert auto_parts(_manifest(0, [1] * 6, 0), 3, **line) == ["b 0-2", "2-4", "4-6 e"]
+    assert auto_parts(_manifest(5, [1] * 4, 1), 1, **line) == ["b 0-4 e"]
+    with pytest.raises(ChainError, match="at least one layer"):
+        auto_parts(_manifest(1, [1] * 2, 1), 3, **line)
 
 
 def test_given_parts_are_checked_like_any_chain():
     manifest = _manifest(1, [1] * 6, 1)
     assert plan_parts(manifest, "b 0-2, 2-4 ,4-6 e", 3) == ["b 0-2", "2-4", "4-6 e"]
     assert plan_parts(manifest, "2-4,b 0-2,4-6 e", 3) == ["2-4", "b 0-2", "4-6 e"]  # any rank
+    assert plan_parts(manifest, "b 0-2+e, 2-4,4-6", 3) == ["b 0-2 + e", "2-4", "4-6"]
+    assert plan_parts(manifest, "auto", 2) == ["b 0-2 + e", "2-6"]
     with pytest.raises(ChainError, match="gap: no node holds layers 3-4"):
         plan_parts(manifest, "b 0-2,2-3,4-6 e", 3)
     with pytest.raises(ChainError, match="2 specs for 3 ranks"):
@@ -216,6 +230,12 @@ def test_given_parts_are_checked_like_any_chain():
         plan_parts(manifest, "b 0-6 e,b 0-6 e", 2)
     with pytest.raises(ChainError, match="no node holds end"):
         plan_parts(manifest, "b 0-2,2-6", 2)
+    with pytest.raises(ChainError, match="rank 1 is given 2 parts"):
+        plan_parts(manifest, "b 0-2,2-4 + e,4-6", 3)
+    with pytest.raises(ChainError, match="rank 0 is given 3 parts"):
+        plan_parts(manifest, "b 0-2 + 2-4 + e,4-6", 2)
+    with pytest.raises(ChainError, match="rank 0 and rank 0 both hold begin"):
+        plan_parts(manifest, "b 0-6 + b 0-6 e,e", 2)
 
 
 # ---- micro-batches in flight (no processes) ---------------------------------------------------
@@ -712,7 +732,8 @@ TINY_BATCHES = [[[5, 17, 3, 88, 41]], [[7, 1, 60, 2, 19, 33, 4], [42, 9]]]  # b1
 @pytest.mark.parametrize(
     "which, args",
     [("llama", ("--parts", "auto")),
-     ("falcon", ("--parts", "b 0-2,2-4,4-6 e", "--resident-layers", "1"))],  # streamed layers
+     # rank 0 holding begin and end (given), its layers streamed
+     ("falcon", ("--parts", "b 0-2 + e,2-4,4-6", "--resident-layers", "1"))],
 )  # fmt: skip
 def test_tiny_models_on_three_ranks_equal_transformers_and_the_other_pipelines(
     which, args, request, shared_nodes

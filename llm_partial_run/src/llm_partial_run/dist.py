@@ -1,14 +1,15 @@
 """Fixed clusters on torch.distributed: parts on ranks in a ring, driven from rank 0.
 
-Every rank holds one part. The ranks form a ring: rank r receives only from rank r-1 and sends
-only to rank r+1 (the last rank to rank 0). Rank 0 sends a call to rank 1; each rank runs it on
-a :class:`~llm_partial_run.local.LocalLink` of its part when it is one of the call's ranks
-(``first..last``) and passes the result on, so a step's hidden states go rank to rank along the
-chain and the last rank's logits come back to rank 0: N transfers for N ranks (a star through
-rank 0 makes 2(N-1)). Rank 0 holds a :class:`RanksLink` -- a
+Every rank holds one part (rank 0 one or two). The ranks form a ring: rank r receives only from
+rank r-1 and sends only to rank r+1 (the last rank to rank 0). Rank 0 sends a call to rank 1;
+each rank runs it on a :class:`~llm_partial_run.local.LocalLink` of its part when it is one of
+the call's ranks (``first..last``) and passes the result on, so a step's hidden states go rank
+to rank along the chain and the last rank's output comes back to rank 0: N transfers for N
+ranks (a star through rank 0 makes 2(N-1)). Rank 0 holds a :class:`RanksLink` -- a
 :class:`~llm_partial_run.transport.PartLink` -- for consecutive ranks (:meth:`Cluster.chain`:
-one for ranks 1..N-1 when the ranks hold the parts in chain order) and drives the same
-:class:`~llm_partial_run.session.Session` as the socket pipeline, so the sampler, the
+one for ranks 1..N-1 when the ranks hold the parts in chain order; when rank 0 holds the end
+too, as the launcher's auto parts have it, that output is hidden states, not logits) and drives
+the same :class:`~llm_partial_run.session.Session` as the socket pipeline, so the sampler, the
 ``generate`` CLI and the HTTP API run unchanged on top (:mod:`llm_partial_run.launch`).
 
 The messages are :mod:`llm_partial_run.wire`'s. Each rank handles calls in the order they
@@ -534,18 +535,22 @@ class Cluster:
         """A link over the consecutive ranks ``first..last`` as one part."""
         return RanksLink(self.ring, first, last)
 
-    def chain(self, own: PartLink) -> list[PartLink]:
-        """The links of a pipeline over ``own`` (rank 0's part) and every rank's part: the
-        parts in chain order (checked: ChainError names the rank), with each run of ranks
-        that follow one another both in the chain and round the ring made one
+    def chain(self, own: PartLink | Sequence[PartLink]) -> list[PartLink]:
+        """The links of a pipeline over ``own`` (rank 0's part, or its parts) and every rank's
+        part: the parts in chain order (checked: ChainError names the rank), with each run of
+        ranks that follow one another both in the chain and round the ring made one
         :class:`RanksLink`. With rank r holding the r-th part that is ``[own, ranks 1..N-1]``:
-        a step's hidden states go rank to rank."""
+        a step's hidden states go rank to rank; with rank 0 holding begin and end too
+        (``[begin part, ranks 1..N-1, end part]``) the ring's last transfer carries hidden
+        states back to rank 0, never logits."""
         from .chain import check_chain
 
+        owns = [own] if not isinstance(own, Sequence) else list(own)
         if self.everyone is None:
-            return [own]
+            return check_chain([(link, link.info()) for link in owns]).links
         infos = self.everyone.rank_infos()
-        order = check_chain([(own, own.info()), *zip(self.links, infos, strict=True)]).links
+        mine = [(link, link.info()) for link in owns]
+        order = check_chain([*mine, *zip(self.links, infos, strict=True)]).links
         merged: list[PartLink] = []
         for link in order:
             before = merged[-1] if merged else None

@@ -1,13 +1,15 @@
 """``torchrun --nproc-per-node N -m llm_partial_run.launch DIR ...``: one model over N ranks.
 
 Each rank loads only its part of the sepweight model in DIR: ``--parts auto`` (the default)
-cuts it into N contiguous parts of about equal weight bytes (rank 0 holds begin, the last rank
-end); ``--parts "b 0-10,10-20,20-30 e"`` gives rank r the r-th spec, checked like any chain
-before anything loads. Ranks > 0 serve their part (:func:`llm_partial_run.dist.serve_rank`);
-rank 0 tokenizes, drives a :class:`~llm_partial_run.session.Pipeline` over its own part and
-the other ranks' (:meth:`~llm_partial_run.dist.Cluster.chain`: when rank r holds the r-th part,
-one :class:`~llm_partial_run.dist.RanksLink` for ranks 1..N-1, so a step's hidden states go rank
-to rank), and either answers ``--prompt`` (or token ``--ids``) and exits, or serves the
+cuts it into N contiguous parts of about equal weight bytes round the ring (rank 0 holds the
+end, begin and the first layers: ``"b 0-7 + e"``, so the ring's last transfer carries hidden
+states, not logits); ``--parts "b 0-10,10-20,20-30 e"`` gives rank r the r-th spec (rank 0 may
+hold two, joined by ``+``), checked like any chain before anything loads. Ranks > 0 serve their
+part (:func:`llm_partial_run.dist.serve_rank`); rank 0 tokenizes, drives a
+:class:`~llm_partial_run.session.Pipeline` over its own parts and the other ranks'
+(:meth:`~llm_partial_run.dist.Cluster.chain`: when rank r holds the r-th part, one
+:class:`~llm_partial_run.dist.RanksLink` for ranks 1..N-1, so a step's hidden states go rank to
+rank), and either answers ``--prompt`` (or token ``--ids``) and exits, or serves the
 OpenAI-compatible HTTP API (``--api --port 8000``).
 
 Examples::
@@ -39,25 +41,38 @@ from .transport import PartInfo
 log = logging.getLogger(__name__)
 
 
-def auto_parts(manifest: Manifest, n: int) -> list[str]:
+PLUS = "+"
+"""Joins rank 0's parts when it holds two: ``"b 0-7 + e"`` (begin and the first layers, and
+the end: the ring's last transfer carries hidden states, not logits)."""
+
+
+def auto_parts(manifest: Manifest, n: int, *, end_on_rank0: bool = True) -> list[str]:
     """Cut the model into ``n`` contiguous parts of about equal weight bytes (the files' sizes
-    in the manifest): the first holds begin, the last end, each at least one layer. The cut
-    minimises the largest part (the pipeline's slowest stage)."""
+    in the manifest), one per rank, each at least one layer. The cut minimises the largest part
+    (the pipeline's slowest stage).
+
+    ``end_on_rank0`` (default): the parts are cut round the ring, rank 0's being the end (the
+    head: its bytes count on rank 0), begin and the first layers -- ``["b 0-7 + e", "7-30"]``;
+    each step's last transfer then carries hidden states back to rank 0 instead of the logits,
+    and rank 0 may hold no layer at all (``"b + e"``). Else rank 0 holds begin and the last
+    rank end (``["b 0-15", "15-30 e"]``)."""
     layers = manifest.num_layers
-    if n < 1 or n > layers:
+    ring = end_on_rank0 and n > 1
+    if n < 1 or n > layers + ring:
         raise ChainError(
             f"cannot cut a {layers}-layer model into {n} parts of at least one layer each: "
             "use fewer ranks or give --parts"
         )
     size = {name: int(entry.get("bytes", 0)) for name, entry in manifest.files.items()}
+    begin, end = size.get("begin.safetensors", 0), size.get("end.safetensors", 0)
     mids = [size.get(f"mid.{i:05d}.safetensors", 0) for i in range(layers)]
     cum = [0]
     for b in mids:
         cum.append(cum[-1] + b)
 
-    def weight(i: int, j: int) -> int:  # layers i..j-1, plus begin/end at the ends
-        extra = size.get("begin.safetensors", 0) if i == 0 else 0
-        return cum[j] - cum[i] + extra + (size.get("end.safetensors", 0) if j == layers else 0)
+    def weight(k: int, i: int, j: int) -> int:  # part k: layers i..j-1, begin/end where they live
+        extra = (begin + (end if ring else 0)) if k == 1 else 0
+        return cum[j] - cum[i] + extra + (end if j == layers and not ring else 0)
 
     # best[k][j]: the smallest largest part when layers 0..j-1 are cut into k parts
     inf = float("inf")
@@ -65,9 +80,10 @@ def auto_parts(manifest: Manifest, n: int) -> list[str]:
     cut = [[0] * (layers + 1) for _ in range(n + 1)]
     best[0][0] = 0
     for k in range(1, n + 1):
-        for j in range(k, layers + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], weight(i, j))
+        least = 0 if k == 1 and ring else 1  # layers this part holds at least
+        for j in range(layers + 1):
+            for i in range(j - least + 1):
+                value = max(best[k - 1][i], weight(k, i, j))
                 if value < best[k][j]:
                     best[k][j], cut[k][j] = value, i
     bounds, j = [layers], layers
@@ -78,23 +94,32 @@ def auto_parts(manifest: Manifest, n: int) -> list[str]:
     specs = []
     for k in range(n):
         tokens = ["b"] if k == 0 else []
-        tokens.append(f"{bounds[k]}-{bounds[k + 1]}")
-        if k == n - 1:
+        if bounds[k + 1] > bounds[k]:
+            tokens.append(f"{bounds[k]}-{bounds[k + 1]}")
+        if k == n - 1 and not ring:
             tokens.append("e")
         specs.append(" ".join(tokens))
+    if ring:
+        specs[0] += f" {PLUS} e"
     return specs
+
+
+def rank_specs(text: str) -> list[str]:
+    """A rank's parts in a plan (``"b 0-7 + e"``: two; ``"7-30"``: one)."""
+    return [s.strip() for s in text.split(PLUS)]
 
 
 class _Planned:
     """A stand-in link for the chain check before anything loads: just a name."""
 
     def __init__(self, rank: int) -> None:
-        self.name = f"rank {rank}"
+        self.rank, self.name = rank, f"rank {rank}"
 
 
 def plan_parts(manifest: Manifest, parts: str, world_size: int) -> list[str]:
     """The spec of every rank: ``parts`` is ``"auto"`` or one spec per rank, comma-separated
-    (``"b 0-10,10-20,20-30 e"``), checked like any chain (ChainError names the rank)."""
+    (``"b 0-10,10-20,20-30 e"``; rank 0 may hold two joined by ``+``: ``"b 0-10 + e,10-20,
+    20-30"``), checked like any chain (ChainError names the rank)."""
     from .chain import check_chain
 
     if parts.strip() == "auto":
@@ -105,12 +130,20 @@ def plan_parts(manifest: Manifest, parts: str, world_size: int) -> list[str]:
             f"--parts gives {len(specs)} specs for {world_size} ranks: give one per rank, "
             "comma-separated, or --parts auto"
         )
-    infos = []
+    infos, planned = [], []
     for rank, text in enumerate(specs):
-        spec = PartSpec.parse(text).resolve(manifest.num_layers)
-        infos.append((_Planned(rank), _planned_info(manifest, str(spec))))
+        parts = rank_specs(text)
+        if len(parts) > (2 if rank == 0 else 1):
+            raise ChainError(
+                f"rank {rank} is given {len(parts)} parts ({text!r}): rank 0 may hold two "
+                f'("b 0-7 {PLUS} e"), every other rank one'
+            )
+        resolved = [str(PartSpec.parse(p).resolve(manifest.num_layers)) for p in parts]
+        infos += [(_Planned(rank), _planned_info(manifest, spec)) for spec in resolved]
+        planned.append(f" {PLUS} ".join(resolved))
     seen: dict[str, int] = {}
-    for rank, (_, info) in enumerate(infos):
+    for link, info in infos:
+        rank = link.rank
         if info.spec in seen:
             raise ChainError(
                 f"ranks {seen[info.spec]} and {rank} both hold part {info.spec!r}: each rank "
@@ -118,7 +151,7 @@ def plan_parts(manifest: Manifest, parts: str, world_size: int) -> list[str]:
             )
         seen[info.spec] = rank
     check_chain(infos)
-    return [info.spec for _, info in infos]
+    return planned
 
 
 def _planned_info(manifest: Manifest, spec: str) -> PartInfo:
@@ -139,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parts",
         default="auto",
-        help='"auto" (equal weight bytes) or one spec per rank: "b 0-10,10-20,20-30 e"',
+        help='"auto" (equal weight bytes round the ring, rank 0 holding begin and end) or one '
+        'spec per rank, rank 0 possibly two joined by +: "b 0-10,10-20,20-30 e", '
+        '"b 0-10 + e,10-20,20-30"',
     )
     p.add_argument(
         "--device",
@@ -211,14 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _load_link(args: argparse.Namespace, groups: Any, spec: str) -> Any:
+def _load_link(args: argparse.Namespace, groups: Any, spec: str, named: bool = False) -> Any:
+    """This rank's part as a LocalLink named ``rank R`` (``named``: ``rank R [SPEC]``, for a
+    rank that holds two)."""
     from .local import LocalLink, load_with_info
 
     # (the info's fingerprint makes the chain check refuse ranks whose copies of the model differ)
     part, info = load_with_info(args.directory, spec, device=groups.device, dtype=args.dtype,
                                 verify=not args.no_verify, resident_layers=args.resident_layers,
                                 pack=not args.no_pack, packed_dir=args.packed_dir)  # fmt: skip
-    return LocalLink(part, info=info, name=f"rank {groups.rank}")
+    name = f"rank {groups.rank} [{spec}]" if named else f"rank {groups.rank}"
+    return LocalLink(part, info=info, name=name)
 
 
 def _serve(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> None:
@@ -235,7 +273,8 @@ def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: lis
         print(f"llm_partial_run.launch: rank 0: error: {error}", file=sys.stderr, flush=True)
         os._exit(1)
 
-    own = _load_link(args, groups, specs[0])
+    parts = rank_specs(specs[0])
+    own = [_load_link(args, groups, spec, len(parts) > 1) for spec in parts]
     with Cluster(groups, on_failure=fail_now) as cluster:
         pipeline = Pipeline(cluster.chain(own))  # hidden states go rank to rank
         if args.api:
