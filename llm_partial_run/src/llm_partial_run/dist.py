@@ -218,7 +218,7 @@ class _Ring:
                 raise self.failed or self.stopped
             try:
                 if self._sent > self._read:  # in flight: the ranks post their receives early
-                    header = replace(header, ahead=self._sent - self._read)
+                    header = header._replace(ahead=self._sent - self._read)
                 sent = self.sender.send(header, payload, tensors)
             except RuntimeError as exc:
                 raise self.fail(
@@ -378,9 +378,11 @@ class RanksLink:
         self, session_id: str, step: int, x: torch.Tensor, mask: torch.Tensor | None
     ) -> PendingCall:
         """Send a step and return at once; ``.result()`` later gives what :meth:`forward` does."""
-        device = self.ring.groups.device
-        x = x.to(device)
-        mask = None if mask is None else mask.to(device)
+        device = self.ring.groups.device  # (a .to() that moves nothing is still a torch call)
+        if x.device != device:
+            x = x.to(device)
+        if mask is not None and mask.device != device:
+            mask = mask.to(device)
         number = self._number(session_id)
         return self._call(Kind.FORWARD, x, mask, session=number, step=step)
 
@@ -738,5 +740,5 @@ def _refused(header: Header, status: Status, text: str, already: bool,
              payload: bytes) -> tuple[Header, bytes, list[torch.Tensor]]:  # fmt: skip
     if already:  # the first refusal is the one rank 0 hears of
         return header, payload, []
-    bare = replace(header, status=int(status), x_dtype=None, x_shape=(), mask=False)
+    bare = header._replace(status=int(status), x_dtype=None, x_shape=(), mask=False)
     return bare, text.encode(), []

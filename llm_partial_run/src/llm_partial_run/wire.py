@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -76,9 +76,13 @@ class Status(IntEnum):
     FAILED = 2  # any other exception on a rank
 
 
-@dataclass(frozen=True)
-class Header:
-    """One message, as the :data:`HEADER_LEN` int64 values that go first on the wire.
+_KINDS = {int(k): k for k in Kind}
+_STATUSES = frozenset(int(s) for s in Status)
+
+
+class Header(NamedTuple):
+    """One message, as the :data:`HEADER_LEN` int64 values that go first on the wire (a named
+    tuple: built and read on every transfer, cold after a step's compute).
 
     ``first``/``last``: the ranks that run the call (the others pass it on); ``a``/``b``: the
     call's arguments (batch size and max length, the other session of a join; for an abort the
@@ -141,17 +145,17 @@ class Header:
                 f"received a header that is not llm_partial_run wire version 3 (magic "
                 f"{v[0]:#x}): run the same llm_partial_run on every rank"
             )
-        kind, dtype, ndim, status = v[1], v[8], v[9], v[17]
+        kind, dtype, ndim, status = _KINDS.get(v[1]), v[8], v[9], v[17]
         if (
-            kind not in Kind._value2member_map_
+            kind is None
             or not 0 <= ndim <= MAX_NDIM
             or not 0 <= dtype < len(DTYPES)
             or v[15] < 0
             or v[20] < 0
-            or status not in Status._value2member_map_
+            or status not in _STATUSES
         ):
             raise PartialRunError(f"malformed header {list(v)}")
-        return cls(Kind(kind), v[2], v[3], v[4], v[5], v[6], v[7], DTYPES[dtype],
+        return cls(kind, v[2], v[3], v[4], v[5], v[6], v[7], DTYPES[dtype],
                    tuple(v[10 : 10 + ndim]), bool(v[14]), v[15], v[16], status, bool(v[18]),
                    v[19], v[20])  # fmt: skip
 
@@ -175,6 +179,17 @@ class _Buffer:
         self.raw = bytearray(INLINE_BYTES)
         self.tensor = torch.frombuffer(self.raw, dtype=torch.uint8)
         self.address = self.tensor.data_ptr()
+        self._heads: dict[int, torch.Tensor] = {}
+
+    def head(self, nbytes: int) -> torch.Tensor:
+        """The buffer's first ``nbytes`` as a tensor, kept: a decode step's messages are the
+        same size every time, and a slice made anew is a torch call on the step's path."""
+        view = self._heads.get(nbytes)
+        if view is None:
+            if len(self._heads) >= 32:  # prefill sizes vary: keep only the latest few
+                self._heads.clear()
+            view = self._heads[nbytes] = self.tensor[:nbytes]
+        return view
 
 
 @dataclass
@@ -307,7 +322,7 @@ class Sender:
         g = self.groups
         tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         inline_tensors = [] if g.on_cuda else tensors  # on CUDA they follow over NCCL
-        sizes = [t.numel() * t.element_size() for t in inline_tensors]
+        sizes = [t.nbytes for t in inline_tensors]
         size = HEADER_BYTES + len(payload) + sum(sizes)
         values = header.values()
         values[_NBYTES] = len(payload)
@@ -316,12 +331,14 @@ class Sender:
         if size <= INLINE_BYTES:
             buffer = self.pool.take()
             _FORMAT.pack_into(buffer.raw, 0, *values)
-            buffer.raw[HEADER_BYTES : HEADER_BYTES + len(payload)] = payload
-            at = HEADER_BYTES + len(payload)
+            at = HEADER_BYTES
+            if payload:
+                buffer.raw[at : at + len(payload)] = payload
+                at += len(payload)
             for t, n in zip(inline_tensors, sizes, strict=True):
                 ctypes.memmove(buffer.address + at, t.data_ptr(), n)
                 at += n
-            works = [g.headers.send([buffer.tensor[:at]], self.peer, HEAD_TAG)]
+            works = [g.headers.send([buffer.head(at)], self.peer, HEAD_TAG)]
             rest = tensors if g.on_cuda else []
         else:
             buffer = None
@@ -364,6 +381,6 @@ def described(
         return Header(kind, **fields), []
     tensors = [x]
     if mask is not None:
-        tensors.append(mask.to(torch.bool))
+        tensors.append(mask if mask.dtype == torch.bool else mask.to(torch.bool))
     header = Header(kind, x_dtype=x.dtype, x_shape=tuple(x.shape), mask=mask is not None, **fields)
     return header, tensors
