@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import socket
@@ -201,7 +202,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from llm_sepweight import read_manifest
 
     torch.set_num_threads(args.threads)
-    groups = init_ranks("cpu", timeout=300)
+    groups = init_ranks("cpu", timeout=300, spin=args.spin_ms[0] / 1e3)
     ring = args.layout == "ring"
     specs = auto_parts(read_manifest(args.dir), groups.world_size, end_on_rank0=ring)
     spec = specs[groups.rank]
@@ -250,8 +251,8 @@ def _free_port() -> int:
 
 
 def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rounds: int,
-              flight: int, threads: int, echo: bool = False,
-              layout: str = "ring") -> dict:  # fmt: skip
+              flight: int, threads: int, echo: bool = False, layout: str = "ring",
+              spin_ms: float = 0.0) -> dict:  # fmt: skip
     """Start ``ranks`` ranks under torchrun on 127.0.0.1 and return rank 0's measurements
     (``layout``: the auto parts' -- ``ring``, rank 0 holding the end too; ``line``, the last
     rank holding it)."""
@@ -260,7 +261,7 @@ def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rou
            "--master-port", str(_free_port()), str(Path(__file__).resolve()), "--rank-main",
            "--dir", str(directory), "--tokens", str(tokens), "--rounds", str(rounds),
            "--flight", str(flight), "--threads", str(threads),
-           "--nodes", ",".join(nodes), "--layout", layout,
+           "--nodes", ",".join(nodes), "--layout", layout, "--spin-ms", str(spin_ms),
            *(["--echo"] if echo else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -272,7 +273,8 @@ def run_ranks(directory: Path, ranks: int, nodes: list[str], *, tokens: int, rou
 
 def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: int = 3,
                threads: int = 1, ranks: tuple[int, ...] = (2, 3),
-               layouts: tuple[str, ...] = ("ring",)) -> list[str]:  # fmt: skip
+               layouts: tuple[str, ...] = ("ring",),
+               spins_ms: tuple[float, ...] = (0.0,)) -> list[str]:  # fmt: skip
     """The torch.distributed lines of the pipeline bench (for bench/pipeline.py), measured now.
 
     For each rank count and parts layout (``ring``: the launcher's auto parts, rank 0 holding
@@ -294,11 +296,12 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
         nodes = [bench.ready(p) for p in procs]
         results = []
         for n in ranks:
-            for layout in layouts:
+            for layout, spin_ms in itertools.product(layouts, spins_ms):
                 results.append(run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds,
-                                         flight=flight, threads=threads,
-                                         layout=layout))  # fmt: skip
+                                         flight=flight, threads=threads, layout=layout,
+                                         spin_ms=spin_ms))  # fmt: skip
                 results[-1]["load"] = os.getloadavg()[0]  # over the last minute: the run's
+                results[-1]["spin_ms"] = spin_ms
     finally:
         echo.stdin.close()
         echo.wait()
@@ -317,7 +320,8 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
         swall, scompute = r["socket"][0], r["socket"][1]
         hop, shop = (wall - compute) / hops * 1e3, (swall - scompute) / 2 * 1e3
         lines.append(
-            f"  {n} gloo ranks ({' | '.join(r['parts'])}): {wall * 1e3:6.2f} ms/token (compute "
+            f"  {n} gloo ranks ({' | '.join(r['parts'])}; spin {r['spin_ms']:g} ms): "
+            f"{wall * 1e3:6.2f} ms/token (compute "
             f"{compute * 1e3:6.2f}), "
             f"overhead {hop:5.2f} ms/hop; 2 socket_rpc nodes alternated: {swall * 1e3:6.2f} "
             f"ms/token, {shop:5.2f} ms/hop: gloo/socket {hop / shop:4.2f}x (target <= 1x) "
@@ -342,6 +346,8 @@ def main() -> None:
     parser.add_argument("--layout", choices=("ring", "line", "both"), default="ring",
                         help="auto parts: rank 0 holds the end (ring, the launcher's), the last "
                         "rank does (line), or both, one launch each")  # fmt: skip
+    parser.add_argument("--spin-ms", type=float, nargs="+", default=[0.0],
+                        help="the ranks' --spin-ms; several: one launch each")  # fmt: skip
     parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
@@ -360,7 +366,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")  # fmt: skip
     layouts = ("ring", "line") if args.layout == "both" else (args.layout,)
     for line in dist_lines(directory, tokens=args.tokens, rounds=args.rounds, flight=args.flight,
-                           threads=args.threads, layouts=layouts):  # fmt: skip
+                           threads=args.threads, layouts=layouts,
+                           spins_ms=tuple(args.spin_ms)):  # fmt: skip
         print(line, flush=True)
 
 

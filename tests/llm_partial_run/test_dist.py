@@ -138,6 +138,55 @@ def test_messages_round_trip_one_buffer_when_small_in_pieces_when_large(on_cuda)
         ]  # fmt: skip
 
 
+class _TimedGroup:
+    """Receives that complete on a schedule: the i-th receive posted gets ``messages[i]``
+    ``delays[i]`` seconds after its posting, written by a thread (its first byte last)."""
+
+    def __init__(self, messages, delays) -> None:
+        from collections import deque
+
+        self.messages, self.delays = deque(messages), deque(delays)
+
+    def recv(self, tensors, peer, tag):
+        import threading
+
+        data, delay, target = self.messages.popleft(), self.delays.popleft(), tensors[0]
+
+        def land():
+            time.sleep(delay)
+            target[1 : data.numel()].copy_(data[1:])
+            target[0] = data[0]
+
+        thread = threading.Thread(target=land)
+        thread.start()
+        return SimpleNamespace(wait=lambda span=None: thread.join() or True)
+
+
+def test_a_receive_polls_only_for_messages_that_come_at_a_steady_pace():
+    from llm_partial_run.wire import HEAD_TAG, Receiver, Sender, described
+
+    cpu = torch.device("cpu")
+    plain = _FakeGroup()
+    sender = Sender(SimpleNamespace(headers=plain, data=plain, on_cuda=False, device=cpu,
+                                    timeout=5.0), 1)  # fmt: skip
+    xs = [torch.full((1, 1, 4), float(step)) for step in range(6)]
+    for step, x in enumerate(xs):
+        header, tensors = described(Kind.FORWARD, x, session=1, step=step)
+        sender.send(header, b"", tensors)
+    delays = [0.03, 0.03, 0.03, 0.03, 0.3, 0.03]
+    timed = _TimedGroup(plain.queues[HEAD_TAG], delays)
+    groups = SimpleNamespace(headers=timed, data=timed, on_cuda=False, device=cpu, timeout=5.0,
+                             spin=0.02)  # fmt: skip
+    receiver, caught = Receiver(groups, 0), []
+    for step, x in enumerate(xs):
+        message = receiver.recv(post_next=False)
+        assert message.header.step == step and torch.equal(message.x, x)
+        caught.append(receiver.caught)
+    # two arrivals set the pace, the next two are caught polling, the late one is slept on
+    # (gloo's wait), and after it the pace is not steady: the last is slept on too
+    assert caught == [0, 0, 1, 2, 2, 2]
+
+
 class _PeerGroup(_FakeGroup):
     """A fake group with a queue per peer and tag that logs, in order, each receive posted and
     each message sent (one rank's traffic, in one process)."""

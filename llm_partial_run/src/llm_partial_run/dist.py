@@ -59,8 +59,9 @@ _ABORT_WAIT = 5.0  # seconds a dying rank waits for its ABORT to be taken
 
 @dataclass(frozen=True)
 class RankGroups:
-    """This process's place in the cluster: its rank, the groups the wire uses, its device and
-    the seconds any receive may wait (``timeout``)."""
+    """This process's place in the cluster: its rank, the groups the wire uses, its device, the
+    seconds any receive may wait (``timeout``) and may busy-poll around a message's expected
+    arrival (``spin``: :meth:`llm_partial_run.wire.Receiver.recv`)."""
 
     rank: int
     world_size: int
@@ -68,6 +69,7 @@ class RankGroups:
     headers: Any  # a gloo group: headers and byte payloads, CPU tensors
     data: Any  # hidden states: the same gloo group on CPU, an NCCL group on CUDA
     timeout: float
+    spin: float = 0.0
 
     @property
     def on_cuda(self) -> bool:
@@ -85,14 +87,17 @@ class RankGroups:
         return (self.rank + 1) % self.world_size
 
 
-def init_ranks(device: str = "cpu", *, timeout: float = 60.0) -> RankGroups:
+def init_ranks(device: str = "cpu", *, timeout: float = 60.0, spin: float = 0.0) -> RankGroups:
     """Join the cluster torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``; ``LOCAL_RANK`` picks the GPU) and make the wire's groups.
 
     ``device``: ``"cpu"`` (gloo carries everything) or ``"cuda"`` (rank r uses ``cuda:LOCAL_RANK``;
     NCCL carries hidden states, a gloo group the headers). ``timeout``: seconds any call may wait
     for a peer before the cluster is declared broken; it must exceed the longest step of the
-    whole chain (a call's result comes back after every rank has run it).
+    whole chain (a call's result comes back after every rank has run it). ``spin``: seconds
+    each receive may busy-poll around its message's expected arrival instead of sleeping
+    (0: never; it saves a thread wake per transfer for CPU time, so give it only where every
+    rank has a core to itself).
     """
     if device not in ("cpu", "cuda"):
         raise PartialRunError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -106,6 +111,8 @@ def init_ranks(device: str = "cpu", *, timeout: float = 60.0) -> RankGroups:
         )
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise PartialRunError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if not isinstance(spin, (int, float)) or not 0 <= spin < timeout:
+        raise PartialRunError(f"spin must be seconds >= 0 and below the timeout, got {spin!r}")
     span = datetime.timedelta(seconds=timeout)
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -121,7 +128,7 @@ def init_ranks(device: str = "cpu", *, timeout: float = 60.0) -> RankGroups:
         headers = data = dist.group.WORLD
     rank, world = dist.get_rank(), dist.get_world_size()
     log.info("rank %d of %d on %s (timeout %.0f s)", rank, world, dev, timeout)
-    return RankGroups(rank, world, dev, headers, data, float(timeout))
+    return RankGroups(rank, world, dev, headers, data, float(timeout), float(spin))
 
 
 def close_ranks() -> None:

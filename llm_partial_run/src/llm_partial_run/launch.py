@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds a rank may stay silent before the cluster stops (default 60)",
     )
+    p.add_argument(
+        "--spin-ms",
+        type=float,
+        default=0.0,
+        help="busy-poll each receive this long around its expected arrival during a steady "
+        "decode (saves a thread wake per transfer, about 0.03 ms, for CPU time; only where "
+        "every rank has a core of its own; default 0: never)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the part's files")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -230,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .dist import close_ranks, init_ranks
 
     try:
-        groups = init_ranks(args.device, timeout=args.timeout)
+        groups = init_ranks(args.device, timeout=args.timeout, spin=args.spin_ms / 1e3)
         manifest = read_manifest(args.directory)
         specs = plan_parts(manifest, args.parts, groups.world_size)
         log.info("parts: %s", specs)
