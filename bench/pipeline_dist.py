@@ -1,17 +1,20 @@
 """SmolLM2 over torch.distributed ranks (gloo, CPU) next to socket_rpc nodes and one process.
 
     python bench/pipeline_dist.py [--dir SEPWEIGHT_DIR] [--tokens 32] [--rounds 3] [--flight 3]
+        [--layout ring|line|both] [--spin-ms 0 [2 ...]]
 
-Prints, from one run (for each rank count one torchrun launch; its rank 0 alternates the
-configurations round by round -- the ranks, two socket_rpc nodes, one process holding the whole
-model -- and takes medians, so load from elsewhere hits them alike):
+Prints, from one run (for each rank count, parts layout and spin one torchrun launch; its rank
+0 alternates the configurations round by round -- the ranks, two socket_rpc nodes, one process
+holding the whole model -- and takes medians, so load from elsewhere hits them alike):
 - one hop with no compute (an echo part: a decode step's hidden states out, its logits back),
   gloo vs socket_rpc, alternated: the transport alone;
 - per-hop overhead per decode token, batch 1: (wall - the parts' compute) / remote parts, for
-  2 and 3 torch.distributed ranks (rank 0 holds the first part, so N ranks have N-1 remote
-  parts; the step goes round the ring rank to rank: N transfers) and for a pipeline of 2
-  socket_rpc nodes on 127.0.0.1 (2 remote parts, 4 transfers: each node's call goes out from
-  the client and back); target: gloo no worse;
+  2 and 3 torch.distributed ranks (rank 0 holds the first part -- and with ``--layout ring``,
+  the launcher's auto parts, the end too -- so N ranks have N-1 remote parts; the step goes
+  round the ring rank to rank: N transfers) and for a pipeline of 2 socket_rpc nodes on
+  127.0.0.1 (2 remote parts, 4 transfers: each node's call goes out from the client and
+  back); target: gloo no worse. ``--layout line`` puts the end on the last rank (logits cross
+  the wire); ``--spin-ms``: the ranks' polling of a receive (launch ``--spin-ms``);
 - tokens/s with ``--flight`` sequences in flight (each batch 1, one decode step of every
   sequence sent through the ranks with ``forward_in_flight``: rank 0 sends sequence k+1 before
   k's result is back) on 2 and 3 ranks, vs one process decoding the same sequences one after

@@ -55,7 +55,9 @@ def auto_parts(manifest: Manifest, n: int, *, end_on_rank0: bool = True) -> list
     head: its bytes count on rank 0), begin and the first layers -- ``["b 0-7 + e", "7-30"]``;
     each step's last transfer then carries hidden states back to rank 0 instead of the logits,
     and rank 0 may hold no layer at all (``"b + e"``). Else rank 0 holds begin and the last
-    rank end (``["b 0-15", "15-30 e"]``)."""
+    rank end (``["b 0-15", "15-30 e"]``). Bytes are not compute: a head computes faster per
+    byte than layers, so with micro-batches in flight the line cut can be the better balanced
+    (bench/pipeline_dist.py ``--layout both``)."""
     layers = manifest.num_layers
     ring = end_on_rank0 and n > 1
     if n < 1 or n > layers + ring:
