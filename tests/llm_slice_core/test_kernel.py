@@ -36,10 +36,21 @@ def test_every_row_count_and_odd_shape_equals_the_matrix_product(threads, inputs
     for rows in [*range(1, kernel.KERNEL_MAX_ROWS + 1), 13, 16]:  # (> 8: two row groups)
         x = torch.randn(rows, inputs, generator=gen)
         for bias in (None, b):
-            assert kernel.suits(x, w, bias) == (rows <= kernel.KERNEL_MAX_ROWS)
+            most = kernel.KERNEL_MAX_ROWS if threads == 1 else kernel.KERNEL_MAX_ROWS_THREADS
+            assert kernel.suits(x, w, bias) == (rows <= most) and kernel.max_rows() == most
             torch.testing.assert_close(
                 kernel.product(x, w, bias), reference(x, w, bias), atol=1e-5, rtol=1e-5
             )
+
+
+def test_on_several_threads_only_a_big_weight_takes_more_than_4_rows(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    small, x = torch.randn(32, 48), torch.randn(8, 32)
+    assert kernel.suits(x[:4], small) and not kernel.suits(x, small)
+    monkeypatch.setattr(kernel, "KERNEL_BIG_WEIGHT", small.numel())
+    assert kernel.suits(x, small) and kernel.max_rows(small.numel()) == kernel.KERNEL_MAX_ROWS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert kernel.max_rows() == kernel.KERNEL_MAX_ROWS
 
 
 def test_the_result_does_not_depend_on_the_thread_count():
@@ -76,7 +87,8 @@ def test_what_the_kernel_does_not_take():
 
 
 @pytest.mark.parametrize("bias_after", [True, False])
-def test_a_packed_group_runs_its_decode_products_on_the_kernel(bias_after, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_a_packed_group_runs_its_decode_products_on_the_kernel(bias_after, threads, monkeypatch):
     torch.manual_seed(0)
     lins = [nn.Linear(24, n).requires_grad_(False) for n in (32, 16)]
     group = Linears(*lins, bias_after=bias_after)
@@ -88,9 +100,10 @@ def test_a_packed_group_runs_its_decode_products_on_the_kernel(bias_after, monke
     group(x[:3])
     assert calls == []  # not packed: the layers' own [out, in] weights
     group.pack()
-    for rows in (1, 8, kernel.KERNEL_MAX_ROWS, kernel.KERNEL_MAX_ROWS + 1):
+    most = kernel.max_rows()
+    for rows in (1, most, most + 1, kernel.KERNEL_MAX_ROWS + 1):
         torch.testing.assert_close(group(x[:rows]), want[:rows], atol=1e-5, rtol=0)
-    assert calls == [1, 8, kernel.KERNEL_MAX_ROWS]
+    assert calls == [1, most]
 
 
 def test_the_library_is_built_once_and_reused():

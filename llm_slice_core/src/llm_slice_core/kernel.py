@@ -7,7 +7,7 @@ oneDNN's at about half for any row count (measured on SmolLM2 and Falcon-7B shap
 coming from DRAM). ``_kernel.cpp`` reads it 8 rows at a time in sequential streams and keeps
 the outputs of up to 8 input rows in registers, so it reads at close to the memory's speed for
 1-8 rows (1.4-1.9x faster than oneDNN at 2-8 rows, 1.0-1.5x than torch at 1), splitting columns
-over torch's threads.
+over torch's threads (up to 4 rows there: see :data:`KERNEL_MAX_ROWS_THREADS`).
 
 It is C++ built once per machine with the host compiler (``$CXX`` or ``c++``, ``-O3
 -march=native``, against the installed torch's headers, ~1 s) into
@@ -34,6 +34,13 @@ import torch
 # Products with more input rows than this take oneDNN: the kernel reads the weight once per 8
 # rows, and from 16 rows on (prefill: arithmetic-bound) oneDNN's blocking is as fast or faster.
 KERNEL_MAX_ROWS = 8
+# ... on more than one torch thread, more than this unless the weight has at least
+# KERNEL_BIG_WEIGHT elements: at 5-8 rows on a small weight the kernel is arithmetic-bound and
+# gained nothing from a second thread where oneDNN did (2-vCPU VM: SmolLM2's batch-8 decode
+# steps on 2 threads took 1.2x oneDNN's time), while on big weights it still reads faster
+# (Falcon-7B shapes, batch 8, 2 threads: 1.33x oneDNN's tokens/s).
+KERNEL_MAX_ROWS_THREADS = 4
+KERNEL_BIG_WEIGHT = 2**23  # 32 MiB of float32
 
 _SOURCE = Path(__file__).with_name("_kernel.cpp")
 _log = logging.getLogger(__name__)
@@ -129,13 +136,23 @@ def available() -> bool:
     return library() is not None
 
 
+def max_rows(weight_elements: int = 0) -> int:
+    """The most input rows a product with a weight of ``weight_elements`` runs on the kernel
+    with, at torch's thread count now."""
+    if weight_elements >= KERNEL_BIG_WEIGHT or torch.get_num_threads() == 1:
+        return KERNEL_MAX_ROWS
+    return KERNEL_MAX_ROWS_THREADS
+
+
 def suits(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """True when ``x [M, K] @ w_t [K, N]`` runs on the kernel: it is available; float32 on a
-    CPU; 1 to :data:`KERNEL_MAX_ROWS` rows; ``w_t`` row-major contiguous (a packed
-    ``weight_t``), ``bias`` (if any) contiguous float32; no gradient wanted; not compiling."""
+    CPU; 1 to :data:`KERNEL_MAX_ROWS` rows (:data:`KERNEL_MAX_ROWS_THREADS` on more than one
+    torch thread with a weight under :data:`KERNEL_BIG_WEIGHT` elements); ``w_t`` row-major
+    contiguous (a packed ``weight_t``), ``bias`` (if any) contiguous float32; no gradient
+    wanted; not compiling."""
     return (
         x.dim() == 2
-        and 0 < x.shape[0] <= KERNEL_MAX_ROWS
+        and 0 < x.shape[0] <= max_rows(w_t.numel())
         and x.dtype == torch.float32
         and w_t.dtype == torch.float32
         and x.device.type == "cpu"
