@@ -20,8 +20,9 @@ _CACHE: str | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     """The test run's own cache folder: what the code under test caches there (streaming's
-    packed layer files, the demo's conversion) goes to a temporary ``XDG_CACHE_HOME`` that
-    child processes inherit, never into the user's ``~/.cache``; removed at the end."""
+    packed layer files, the demo's conversion, the decode kernel's build) goes to a temporary
+    ``XDG_CACHE_HOME`` that child processes inherit, never into the user's ``~/.cache``;
+    removed at the end."""
     global _CACHE
     _CACHE = tempfile.mkdtemp(prefix="llm_microlibs_test_cache_")
     os.environ["XDG_CACHE_HOME"] = _CACHE
