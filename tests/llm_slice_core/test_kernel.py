@@ -113,6 +113,15 @@ def test_the_library_is_built_once_and_reused():
     assert path.parent == kernel._cache_dir() and path.name.startswith("product-")
 
 
+def test_another_cpu_or_compiler_gets_its_own_build(monkeypatch):
+    """Built with -march=native: a cache shared by machines must not hand one CPU's build to
+    another."""
+    here = kernel._target("c++")
+    assert kernel._target("g++") != here
+    monkeypatch.setattr(kernel, "_cpu", lambda: b"model name : another CPU")
+    assert kernel._target("c++") != here
+
+
 SCRIPT = textwrap.dedent(
     """
     import torch

@@ -10,11 +10,12 @@ the outputs of up to 8 input rows in registers, so it reads at close to the memo
 over torch's threads (up to 4 rows there: see :data:`KERNEL_MAX_ROWS_THREADS`).
 
 It is C++ built once per machine with the host compiler (``$CXX`` or ``c++``, ``-O3
--march=native``, against the installed torch's headers, ~1 s) into
-``$XDG_CACHE_HOME/llm_microlibs/kernels`` (else ``~/.cache/...``), on first use, and loaded
-with ctypes. Where it cannot be built (no compiler) or is switched off
-(``LLM_SLICE_CORE_KERNEL=0``), :func:`available` is False and products take oneDNN/torch as
-before; a failed build is logged once as a warning.
+-march=native -fopenmp``, against the installed torch's headers, 1-3 s) into
+``$XDG_CACHE_HOME/llm_microlibs/kernels`` (else ``~/.cache/...``; the file's name digests the
+source, compiler, torch, Python and this CPU's model and flags, so a cache shared by different
+machines keeps one build per CPU), on first use, and loaded with ctypes. Where it cannot be
+built (no compiler) or is switched off (``LLM_SLICE_CORE_KERNEL=0``), :func:`available` is False
+and products take oneDNN/torch as before; a failed build is logged once as a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -46,11 +48,22 @@ _SOURCE = Path(__file__).with_name("_kernel.cpp")
 _log = logging.getLogger(__name__)
 _lib: ctypes.CDLL | None = None
 _tried = False
+_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "llm_microlibs" / "kernels"
+
+
+def _cpu() -> bytes:
+    """What identifies this CPU for code built with ``-march=native``: its model and flags."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            lines = f.read().split(b"\n\n")[0].splitlines()
+    except OSError:
+        return platform.processor().encode()
+    return b"\n".join(line for line in lines if line.startswith((b"model name", b"flags")))
 
 
 def _torch_dirs() -> tuple[str, str]:
@@ -73,14 +86,19 @@ def _commands(compiler: str, source: Path, target: Path) -> list[list[str]]:
     ]
 
 
+def _target(compiler: str) -> Path:
+    """Where the library built by ``compiler`` for this source, torch, Python and CPU lives."""
+    key = [_SOURCE.read_bytes(), compiler.encode(), torch.__version__.encode(),
+           torch.__file__.encode(), platform.machine().encode(),
+           platform.python_version().encode(), _cpu()]  # fmt: skip
+    digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:24]
+    return _cache_dir() / f"product-{digest}.so"
+
+
 def _build() -> Path:
     """Path of the built kernel library for this source, torch and machine (built if missing)."""
     compiler = os.environ.get("CXX") or "c++"
-    source = _SOURCE.read_bytes()
-    key = [source, compiler.encode(), torch.__version__.encode(), torch.__file__.encode(),
-           platform.machine().encode(), platform.python_version().encode()]  # fmt: skip
-    digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:24]
-    target = _cache_dir() / f"product-{digest}.so"
+    target = _target(compiler)
     if target.exists():
         return target
     if shutil.which(compiler) is None:
@@ -127,7 +145,9 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernel library, built on first call; None where it is not available."""
     global _lib, _tried
     if not _tried:
-        _lib, _tried = _load(), True
+        with _lock:  # (two threads' first products build it once)
+            if not _tried:
+                _lib, _tried = _load(), True
     return _lib
 
 
