@@ -68,12 +68,14 @@ class Linears:
 
     def _affine(self, x, w_t, bias, splits: int, residual) -> torch.Tensor:
         if kernel.suits(x, w_t, bias):  # a few float32 rows on a CPU, packed: the kernel
-            fuse = bias is not None and not self.bias_after
-            out = kernel.product(x, w_t, bias if fuse else None)
-            bias = None if fuse else bias
+            fast = kernel.product
         elif onednn_suits(x, w_t):  # several rows on a CPU (see products): oneDNN
+            fast = onednn_product
+        else:
+            fast = None
+        if fast is not None:  # the bias is fused unless it must come after the product
             fuse = bias is not None and not self.bias_after
-            out = onednn_product(x, w_t, bias if fuse else None)
+            out = fast(x, w_t, bias if fuse else None)
             bias = None if fuse else bias
         elif splits > 1:
             out = product(x, w_t, splits)
