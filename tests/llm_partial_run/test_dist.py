@@ -283,8 +283,10 @@ def test_given_parts_are_checked_like_any_chain():
         plan_parts(manifest, "b 0-2,2-4 + e,4-6", 3)
     with pytest.raises(ChainError, match="rank 0 is given 3 parts"):
         plan_parts(manifest, "b 0-2 + 2-4 + e,4-6", 2)
-    with pytest.raises(ChainError, match="rank 0 and rank 0 both hold begin"):
+    with pytest.raises(ChainError, match=r"rank 0 \[.*\] and rank 0 \[.*\] both hold begin"):
         plan_parts(manifest, "b 0-6 + b 0-6 e,e", 2)
+    with pytest.raises(ChainError, match=r"--parts: rank 0's 'b 0-2 \+': .*empty"):
+        plan_parts(manifest, "b 0-2 +,2-6 e", 2)
 
 
 # ---- micro-batches in flight (no processes) ---------------------------------------------------

@@ -231,13 +231,13 @@ class _Ring:
                 raise self.fail(
                     1, f"sending {header.kind.name} failed: {_first_line(exc)}"
                 ) from exc
+            ticket = self._sent
+            self._sent += 1  # (before the post: a reader seeing it posts the next receive)
+            self.last_used = time.monotonic()
             try:  # the result's receive, once the call is out (off the path it waits on)
                 self.receiver.post()
             except RuntimeError as exc:
                 raise self.fail(self.groups.previous, f"gone: {_first_line(exc)}") from exc
-            ticket = self._sent
-            self._sent += 1
-            self.last_used = time.monotonic()
         return PendingCall(self, ticket, header.kind, sent, name)
 
     def read(self, ticket: int, kind: Kind, sent: Sent) -> Message:
@@ -246,10 +246,8 @@ class _Ring:
             self._turn.wait_for(lambda: self._read == ticket or self.failed is not None)
             if self.failed is not None:
                 raise self.failed
-            try:
-                message = self.receiver.recv(post_next=False)
-                if self._sent > self._read + 1:  # another result is on its way
-                    self.receiver.post()
+            try:  # the next receive stays posted, idle or not: an ABORT from the last rank
+                message = self.receiver.recv()  # must get through while rank 0 waits
             except RuntimeError as exc:
                 last = self.groups.previous
                 raise self.fail(last, f"no answer to {kind.name}: {_first_line(exc)}") from exc
@@ -283,7 +281,8 @@ class _Ring:
                 sent = self.sender.send(header, reason.encode())
                 sent.wait(wait)
                 if kind == Kind.STOP and self.failed is None and not self.busy:
-                    self.receiver.recv(timeout=wait)  # back round: every rank has stopped
+                    # back round: every rank has stopped (no receive left posted after it)
+                    self.receiver.recv(timeout=wait, post_next=False)
             except (RuntimeError, PartialRunError) as exc:
                 log.debug("%s not delivered round the ring: %s", kind.name, exc)
 

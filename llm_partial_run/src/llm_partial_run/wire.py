@@ -38,6 +38,7 @@ HEADER_BYTES = HEADER_LEN * 8
 INLINE_BYTES = 1 << 20
 """A message up to this size travels as one buffer: each gloo message costs a handshake."""
 MAGIC = 0x4C4D_5052_0000_0003
+assert MAGIC & 0xFF, "a receive's spin poll waits for the first byte to turn non-zero"
 """First value of every header: ``"LMPR"`` and the wire version (3)."""
 HEAD_TAG, BULK_TAG = 0, 1
 """Gloo tags: whole messages and headers on one, the pieces of a large message on the other
@@ -96,8 +97,9 @@ class Header(NamedTuple):
     ``nbytes``: the byte payload's length; ``nanos``: the compute time of the ranks that ran it;
     ``status``: a :class:`Status`; ``inline``: the payload and tensors came in the header's own
     buffer; ``hops``: the transfers the message has made so far; ``ahead``: the calls rank 0
-    had in flight round the ring when it sent this one (0: the ring was idle, so the rank's next
-    message is at least a whole step away).
+    already had in flight round the ring when it sent this one (0: none before it; a rank then
+    posts its next receive only after passing this call on, so the first of several calls sent
+    together does not make the ranks post early).
     """
 
     kind: Kind
