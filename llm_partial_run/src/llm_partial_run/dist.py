@@ -193,7 +193,7 @@ class _Ring:
         pool = Pool()
         self.sender = Sender(groups, groups.next, pool)
         self.receiver = Receiver(groups, groups.previous, pool)
-        self.receiver.post()  # the first result's receive, posted ahead like every later one
+        self.receiver.post()  # the first result's receive; each read posts the next one
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = 0  # tickets handed out
@@ -232,12 +232,8 @@ class _Ring:
                     1, f"sending {header.kind.name} failed: {_first_line(exc)}"
                 ) from exc
             ticket = self._sent
-            self._sent += 1  # (before the post: a reader seeing it posts the next receive)
+            self._sent += 1
             self.last_used = time.monotonic()
-            try:  # the result's receive, once the call is out (off the path it waits on)
-                self.receiver.post()
-            except RuntimeError as exc:
-                raise self.fail(self.groups.previous, f"gone: {_first_line(exc)}") from exc
         return PendingCall(self, ticket, header.kind, sent, name)
 
     def read(self, ticket: int, kind: Kind, sent: Sent) -> Message:

@@ -210,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="busy-poll each receive this long around its expected arrival during a steady "
         "decode (saves a thread wake per transfer, about 0.075 ms on a 2-core VM, for CPU "
-        "time; only where "
-        "every rank has a core of its own; default 0: never)",
+        "time; only where every rank has a core of its own; default 0: never)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the part's files")
     what = p.add_mutually_exclusive_group(required=True)
@@ -249,9 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = plan_parts(manifest, args.parts, groups.world_size)
         log.info("parts: %s", specs)
         if groups.rank == 0:
-            _drive(args, groups, manifest, specs)
+            _drive(args, groups, specs)
         else:
-            _serve(args, groups, manifest, specs[groups.rank])
+            _serve(args, groups, specs[groups.rank])
     except (PartialRunError, OSError, ValueError) as exc:
         print(f"llm_partial_run.launch: rank {rank_text}: error: {exc}", file=sys.stderr,
               flush=True)  # fmt: skip
@@ -273,13 +272,13 @@ def _load_link(args: argparse.Namespace, groups: Any, spec: str, named: bool = F
     return LocalLink(part, info=info, name=name)
 
 
-def _serve(args: argparse.Namespace, groups: Any, manifest: Manifest, spec: str) -> None:
+def _serve(args: argparse.Namespace, groups: Any, spec: str) -> None:
     from .dist import serve_rank
 
     serve_rank(_load_link(args, groups, spec), groups)
 
 
-def _drive(args: argparse.Namespace, groups: Any, manifest: Manifest, specs: list[str]) -> None:
+def _drive(args: argparse.Namespace, groups: Any, specs: list[str]) -> None:
     from .dist import Cluster
     from .session import Pipeline
 

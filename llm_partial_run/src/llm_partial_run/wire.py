@@ -38,8 +38,8 @@ HEADER_BYTES = HEADER_LEN * 8
 INLINE_BYTES = 1 << 20
 """A message up to this size travels as one buffer: each gloo message costs a handshake."""
 MAGIC = 0x4C4D_5052_0000_0003
-assert MAGIC & 0xFF, "a receive's spin poll waits for the first byte to turn non-zero"
 """First value of every header: ``"LMPR"`` and the wire version (3)."""
+assert MAGIC & 0xFF, "a receive's spin poll waits for the first byte to turn non-zero"
 HEAD_TAG, BULK_TAG = 0, 1
 """Gloo tags: whole messages and headers on one, the pieces of a large message on the other
 (so a receive posted ahead for the next header never takes a piece of the current message)."""
@@ -226,7 +226,7 @@ class Receiver:
         self._span = datetime.timedelta(seconds=groups.timeout)
         self._posted: tuple[Any, _Buffer] | None = None
         self._posted_at = 0.0
-        self._lock = threading.Lock()  # rank 0 posts from its sending and its reading thread
+        self._lock = threading.Lock()  # rank 0 reads from its callers' threads and stop()
         self.spin = float(getattr(groups, "spin", 0.0))
         """Seconds of busy-polling around a message's expected arrival (0: none); see
         :meth:`recv`."""
