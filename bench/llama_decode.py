@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -106,31 +107,21 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-@contextlib.contextmanager
-def torch_products():
+def torch_products() -> contextlib.AbstractContextManager:
     """Every product on torch's own kernels meanwhile, as where torch has no oneDNN linear
     (llm_slice_core.products finds the op once at import; a bench-only switch)."""
     from llm_slice_core import products
 
-    found, products._ONEDNN_LINEAR = products._ONEDNN_LINEAR, None
-    try:
-        yield
-    finally:
-        products._ONEDNN_LINEAR = found
+    return mock.patch.object(products, "_ONEDNN_LINEAR", None)
 
 
-@contextlib.contextmanager
-def without_kernel():
+def without_kernel() -> contextlib.AbstractContextManager:
     """Products off llm_slice_core's decode kernel meanwhile (oneDNN / torch, as where it cannot
     be built; a bench-only switch: the layout stays the kernel's)."""
     from llm_slice_core import kernel
 
-    kernel.library()
-    found, kernel._lib = kernel._lib, None
-    try:
-        yield
-    finally:
-        kernel._lib = found
+    kernel.library()  # loaded first, so that it is switched off, not merely not tried yet
+    return mock.patch.object(kernel, "_lib", None)
 
 
 @contextlib.contextmanager

@@ -11,8 +11,9 @@ mask and the cache, never from the slot index, so a left-padded row computes exa
 would alone. Numerics follow ``transformers``' ``FalconForCausalLM`` (SDPA attention) op for op
 where rounding could differ: un-fused ``x @ W.T`` then ``+ b``, rotary tables cast to the hidden
 dtype, ALiBi slopes times positions in bfloat16. Each linear layer is computed through an
-llm_slice_core ``Linears`` (packed for fast CPU reads; a step of one row cut into one block per
-thread: ``splits``; several rows on oneDNN), attention through llm_slice_core's ``attend``.
+llm_slice_core ``Linears`` (packed for fast CPU reads; decode steps on llm_slice_core's
+decode kernel, else one row cut into one block per thread: ``splits``, several rows on oneDNN),
+attention through llm_slice_core's ``attend``.
 """
 
 from __future__ import annotations

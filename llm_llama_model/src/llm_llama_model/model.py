@@ -3,9 +3,10 @@
 Module names follow the Hugging Face checkpoint (``layers.3.self_attn.q_proj.weight``), so the
 state dict keys of a part are the sepweight keys. Positions are never kept in the module: they are
 derived on every call from the padding mask and the cache the caller passes in (llm_slice_core).
-Linear layers that share an input are grouped (``Linears``): one product each once packed, cut
-into one block per CPU thread on one-row steps (``splits``), on oneDNN for several rows; see
-llm_slice_core.packing and .products.
+Linear layers that share an input are grouped (``Linears``): one product each once packed, on
+llm_slice_core's decode kernel for decode steps, else cut into one block per CPU thread on
+one-row steps (``splits``), on oneDNN for several rows; see llm_slice_core.packing, .kernel and
+.products.
 """
 
 from __future__ import annotations

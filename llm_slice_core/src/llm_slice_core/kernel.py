@@ -71,19 +71,18 @@ def _torch_dirs() -> tuple[str, str]:
     return str(root / "include"), str(root / "lib")
 
 
-def _commands(compiler: str, source: Path, target: Path) -> list[list[str]]:
-    """Compiler command lines to try in turn: tuned for this CPU with OpenMP (torch's threads),
-    then portable ones for compilers without ``-march=native`` or ``-fopenmp``."""
+# Flags tried in turn: tuned for this CPU with OpenMP (torch's threads), then for compilers
+# without -fopenmp or -march=native.
+_TUNINGS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+
+
+def _command(compiler: str, tuning: list[str], target: Path) -> list[str]:
+    """The compiler command that builds ``_kernel.cpp`` into ``target`` with ``tuning``."""
     include, lib = _torch_dirs()
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    common = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", abi,
-              "-I", include, str(source), "-o", str(target),
-              "-L", lib, "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]  # fmt: skip
-    return [
-        [compiler, "-march=native", "-fopenmp", *common],
-        [compiler, "-march=native", *common],
-        [compiler, *common],
-    ]
+    return [compiler, *tuning, "-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17",
+            abi, "-I", include, str(_SOURCE), "-o", str(target),
+            "-L", lib, "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]  # fmt: skip
 
 
 def _target(compiler: str) -> Path:
@@ -104,18 +103,17 @@ def _build() -> Path:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for command in _commands(compiler, _SOURCE, target):
+    first_error = None
+    for tuning in _TUNINGS:
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
-        command[command.index(str(target))] = str(partial)
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(_command(compiler, tuning, partial), capture_output=True, text=True)
         if done.returncode == 0:
             os.replace(partial, target)  # atomic: a concurrent build writes the same file
             return target
         partial.unlink(missing_ok=True)
-        errors.append(done.stderr.strip().splitlines()[-1:] or ["(no output)"])
-    raise RuntimeError(f"{compiler} failed: {errors[0][0]}")
+        first_error = first_error or (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    raise RuntimeError(f"{compiler} failed: {first_error}")
 
 
 def _load() -> ctypes.CDLL | None:
