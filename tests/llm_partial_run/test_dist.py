@@ -234,6 +234,53 @@ def test_a_rank_posts_its_next_receive_early_only_while_calls_are_in_flight():
     assert [(h.kind, h.step, h.ahead) for h in got] == [(Kind.FORWARD, 0, 0), (Kind.FORWARD, 1, 1)]
 
 
+def test_rank_zero_posts_a_results_receive_when_it_sends_the_call_or_when_idle():
+    # posting costs rank 0 ~60 us: not between a result and its next step (the path a token
+    # waits on) but after sending the next call, while the ranks compute; at once only while
+    # more calls are in flight; idle, the heartbeat posts it (an ABORT must get through)
+    from llm_partial_run.dist import RankGroups, _Ring
+
+    group = _PeerGroup()  # rank 0 of 2: sends to rank 1 and reads them back as results
+    ring = _Ring(RankGroups(0, 2, torch.device("cpu"), group, group, 5.0))
+    ping = Header(Kind.PING, first=1, last=1)
+    assert group.events == ["post from 1"]  # the first result's
+    ring.call(ping, b"", [], "rank 1").message()
+    assert group.events[1:] == ["send to 1"] and ring.unposted  # read, nothing in flight
+    first, second = (ring.call(ping, b"", [], "rank 1") for _ in range(2))
+    assert group.events[2:] == ["send to 1", "post from 1", "send to 1"]  # posted once
+    first.message()
+    assert group.events[5:] == ["post from 1"] and not ring.unposted  # the second's, at once
+    second.message()
+    assert group.events[6:] == [] and ring.unposted
+    ring.post_idle()  # the heartbeat, once rank 0 has idled
+    ring.post_idle()
+    assert group.events[6:] == ["post from 1"] and not ring.unposted
+
+
+def test_a_receive_makes_the_next_messages_tensor_when_it_posts_it():
+    # a torch.empty right after a step's compute costs ~45 us (cold caches): a decode step's
+    # tensor has the same shape each time, so the receive makes it when posted, off the path
+    from llm_partial_run.wire import Receiver, Sender, described
+
+    group = _FakeGroup()
+    groups = SimpleNamespace(headers=group, data=group, on_cuda=False,
+                             device=torch.device("cpu"), timeout=5.0)  # fmt: skip
+    sender, receiver = Sender(groups, 1), Receiver(groups, 0)
+    xs = [torch.randn(1, 1, 6), torch.randn(1, 1, 6), torch.randn(2, 1, 6), torch.randn(2, 1, 6)]
+    for step, x in enumerate(xs):
+        header, tensors = described(Kind.FORWARD, x, torch.ones(x.shape[:2]), step=step)
+        sender.send(header, b"", tensors)
+    made = []
+    for step, x in enumerate(xs):
+        spare = receiver._spare
+        made.append(None if spare is None else spare.data_ptr())
+        got = receiver.recv(post_next=False)
+        assert torch.equal(got.x, x) and got.mask.all() and got.mask.shape == x.shape[:2]
+        assert (made[-1] == got.x.data_ptr()) == (step in (1, 3))  # the one made ahead
+        receiver.post()
+    assert made[0] is None and made[2] is not None  # made for the old shape, not used
+
+
 # ---- planning the parts -----------------------------------------------------------------------
 
 

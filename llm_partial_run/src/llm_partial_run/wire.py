@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import math
 import struct
 import threading
 import time
@@ -232,6 +233,8 @@ class Receiver:
         :meth:`recv`."""
         self._came: tuple[float | None, float | None] = (None, None)  # the last 2 arrivals,
         # in seconds after their posting
+        self._spare: torch.Tensor | None = None  # the next message's tensor, made ahead
+        self._last: tuple[torch.dtype, tuple[int, ...]] | None = None  # the last one's kind
         self.received = 0
         """Messages received from ``peer``."""
         self.caught = 0
@@ -248,10 +251,15 @@ class Receiver:
             if self._posted is None:
                 buffer = self.pool.take()
                 buffer.raw[0] = 0  # a header's first byte is never 0: it shows the arrival
-                # the process group's own call: torch.distributed's wrapper costs as much again
+                # the gloo backend's own call (RankGroups.headers): dist.recv costs as much again
                 work = self.groups.headers.recv([buffer.tensor], self.peer, HEAD_TAG)
                 self._posted = (work, buffer)
                 self._posted_at = time.perf_counter()
+                last = self._last
+                if last is not None and self._spare is None and not self.groups.on_cuda:
+                    # a decode step's tensor is the same every time: made now, off the path
+                    # (a torch.empty after a step's compute costs ~45 us with cold caches)
+                    self._spare = torch.empty(last[1], dtype=last[0])
 
     def recv(self, timeout: float | None = None, *, post_next: bool = True) -> Message:
         """The next message (tensors copied out of the buffer, on this rank's device). Waits
@@ -266,15 +274,15 @@ class Receiver:
         thread, then the waiter), and a waiter already on a core saves the second wake for
         the CPU time it polls."""
         self.post()
-        work, buffer = self._posted
+        with self._lock:  # taken: a post() from now on is the next message's receive
+            (work, buffer), self._posted = self._posted, None
+            posted_at = self._posted_at
         span = self._span if timeout is None else datetime.timedelta(seconds=timeout)
-        seen = self._poll(buffer.raw) if self.spin > 0 else None
-        work.wait(span)  # a failed wait leaves this receive posted: the wire is broken anyway
+        seen = self._poll(buffer.raw, posted_at) if self.spin > 0 else None
+        work.wait(span)  # a failed wait: the wire is broken for good
         if self.spin > 0:  # seconds from posting to arrival, the last two
-            came = (seen or time.perf_counter()) - self._posted_at
+            came = (seen or time.perf_counter()) - posted_at
             self._came = (came, self._came[0])
-        with self._lock:
-            self._posted = None
         if post_next:
             self.post()  # the next message's receive, before this one is handled
         try:
@@ -284,7 +292,7 @@ class Receiver:
         self.received += 1
         return message
 
-    def _poll(self, raw: bytearray) -> float | None:
+    def _poll(self, raw: bytearray, posted_at: float) -> float | None:
         """Wait for ``raw``'s first byte around the expected arrival (see :meth:`recv`); the
         moment it was seen, or None when it was not (already there, or not steady, or late)."""
         last, before = self._came
@@ -296,7 +304,7 @@ class Receiver:
             or last > SPIN_PACE
         ):
             return None  # no steady decode pace to go by (idle gaps, pings, calls in flight)
-        start = self._posted_at + last - self.spin / 2
+        start = posted_at + last - self.spin / 2
         ahead = start - time.perf_counter()
         if ahead > 0:
             time.sleep(ahead)
@@ -328,8 +336,14 @@ class Receiver:
                 tensors.append(self._recv_tensor(dtype, shape, span))
                 continue
             # a copy: the buffer takes a later message (and may be misaligned for dtype)
-            t = torch.empty(shape, dtype=dtype)
-            n = t.numel() * t.element_size()
+            if tensors:  # a mask: made here (decode steps at batch 1 have none)
+                t = torch.empty(shape, dtype=dtype)
+            else:  # the step's tensor: the one made ahead when it is of the same kind
+                t, self._spare = self._spare, None
+                if t is None or self._last != (dtype, shape):
+                    t = torch.empty(shape, dtype=dtype)
+                    self._last = (dtype, shape)
+            n = math.prod(shape) * dtype.itemsize
             ctypes.memmove(t.data_ptr(), buffer.address + at, n)
             tensors.append(t)
             at += n
