@@ -35,6 +35,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 LAUNCH_TIMEOUT = 240.0
 FAULT_TIMEOUT = 20.0  # the ranks' --timeout in the fault tests
 CALLS_TIMEOUT = 6.0  # in the calls scenario, which idles past it once
+SPIN, SPIN_PACE, SPIN_STEPS = 0.02, 0.03, 12  # the spin scenario: polls of 20 ms, every 30 ms
 
 
 # ---- the header protocol (no processes) -----------------------------------------------------
@@ -547,7 +548,8 @@ def _fake_main(mode: str) -> None:
     from llm_partial_run.errors import NodeError
     from llm_partial_run.local import LocalLink, part_info
 
-    groups = init_ranks("cpu", timeout=CALLS_TIMEOUT if mode == "calls" else FAULT_TIMEOUT)
+    groups = init_ranks("cpu", timeout=CALLS_TIMEOUT if mode == "calls" else FAULT_TIMEOUT,
+                        spin=SPIN if mode == "spin" else 0.0)  # fmt: skip
     link = LocalLink(FakePart(groups.rank), info=part_info(FakePart(groups.rank), arch="fake"),
                      name=f"rank {groups.rank}")  # fmt: skip
 
@@ -563,7 +565,7 @@ def _fake_main(mode: str) -> None:
         else:
             with Cluster(groups, on_failure=fail_now) as cluster:
                 scenario = {"calls": _scenario_calls, "kill": _scenario_kill,
-                            "idle": _scenario_idle}[mode]  # fmt: skip
+                            "idle": _scenario_idle, "spin": _scenario_spin}[mode]  # fmt: skip
                 print("result " + json.dumps(scenario(link, cluster)), flush=True)
     except NodeError as exc:
         fail_now(exc)
@@ -595,7 +597,10 @@ def _scenario_calls(local, cluster) -> dict:
         after = cluster.stats()
         found["rank0_messages"] = [b - a for a, b in zip(ends, ends_after, strict=True)]
         found["rank_messages"] = [
-            {k: v - a[k] if k in ("received", "sent", "ran", "passed") else v for k, v in b.items()}
+            {
+                k: v - a[k] if k in ("received", "sent", "caught", "ran", "passed") else v
+                for k, v in b.items()
+            }
             for a, b in zip(before, after, strict=True)
         ]
         session.keep_rows([1])
@@ -641,6 +646,19 @@ def _scenario_calls(local, cluster) -> dict:
         time.sleep(2 * CALLS_TIMEOUT)  # idle past the ranks' timeout: the heartbeat keeps them
         found["after_idle"] = session(torch.tensor([[2]])).tolist()
     found["sessions_left"] = [link.stats()["sessions"] for link in [local]]
+    return found
+
+
+def _scenario_spin(local, cluster) -> dict:
+    """Decode steps at a steady pace with every receive polling (``spin``)."""
+    from llm_partial_run.session import Pipeline
+
+    found: dict = {"steps": []}
+    with Pipeline(cluster.chain(local)).session(batch_size=1, max_len=32) as session:
+        for step in range(SPIN_STEPS):
+            time.sleep(SPIN_PACE)  # rank 0's own step, as it were
+            found["steps"].append(session(torch.tensor([[step + 1]]), None).tolist())
+    found["caught"] = [cluster.ring.receiver.caught, *(s["caught"] for s in cluster.stats())]
     return found
 
 
@@ -690,6 +708,20 @@ def _expected(ids, mask, length, offsets):
     return ((x + 1 + length + off) * m).tolist()
 
 
+def test_receives_that_poll_over_real_gloo_give_the_same_steps():
+    # init_ranks(spin=): at a steady pace each receive sleeps until just before its message
+    # is due, then polls the buffer's first byte while gloo's IO thread writes the message
+    ranks = Ranks.start(3, "fake", "spin")
+    try:
+        found = json.loads(ranks.wait_line(0, "result ").removeprefix("result "))
+        assert [code for code, _, _ in ranks.finish()] == [0, 0, 0]
+    finally:
+        ranks.kill_all()
+    for step, got in enumerate(found["steps"]):
+        assert got == _expected([[step + 1]], [[1]], step, [0])
+    assert all(n > 0 for n in found["caught"]), found["caught"]  # rank 0's, ranks 1 and 2's
+
+
 def test_rank_links_form_a_chain_in_spec_order(fake_calls):
     found, _ = fake_calls
     assert found["chain"] == ["rank 0", "rank 1", "rank 2"]
@@ -719,10 +751,10 @@ def test_consecutive_ranks_make_one_link_and_hidden_states_go_rank_to_rank(fake_
     # to rank 0 (the second STATS call is counted too: it went round the same way)
     assert found["rank0_messages"] == [1, 1]
     assert found["rank_messages"] == [
-        {"rank": 1, "from": 0, "to": 2, "received": 2, "sent": 2, "ran": 2, "passed": 0,
-         "sessions": 1, "cache_bytes": 8 * 2 * 16},
-        {"rank": 2, "from": 1, "to": 0, "received": 2, "sent": 2, "ran": 2, "passed": 0,
-         "sessions": 1, "cache_bytes": 8 * 2 * 16},
+        {"rank": 1, "from": 0, "to": 2, "received": 2, "sent": 2, "caught": 0, "ran": 2,
+         "passed": 0, "sessions": 1, "cache_bytes": 8 * 2 * 16},
+        {"rank": 2, "from": 1, "to": 0, "received": 2, "sent": 2, "caught": 0, "ran": 2,
+         "passed": 0, "sessions": 1, "cache_bytes": 8 * 2 * 16},
     ]  # fmt: skip
     # a link per rank still works (each call goes round the ring; the other rank passes it)
     assert found["per_rank"] == _expected([[1]], [[1]], 0, [0])

@@ -461,7 +461,7 @@ class RanksLink:
 
     def rank_stats(self) -> list[dict]:
         """Each rank's wire counters: messages received from its predecessor and sent to its
-        successor, calls it ran and calls it passed on."""
+        successor, those it caught polling (``spin``), calls it ran and calls it passed on."""
         return json.loads(self._call(Kind.STATS, payload=b"[]").message().payload)
 
     def _number(self, session_id: str) -> int:
@@ -685,7 +685,8 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
     rank, previous = groups.rank, groups.previous
     pool = Pool()
     inbox, outbox = Receiver(groups, previous, pool), Sender(groups, groups.next, pool)
-    counts = {"rank": rank, "from": previous, "to": groups.next, "ran": 0, "passed": 0}
+    counts = {"rank": rank, "from": previous, "to": groups.next, "received": 0, "sent": 0,
+              "caught": 0, "ran": 0, "passed": 0}  # fmt: skip
     log.info("rank %d: serving %s", rank, getattr(link, "name", "a part"))
     unsent: deque[Sent] = deque()  # sends not waited on yet (the next rank takes them in order)
     while True:
@@ -705,7 +706,8 @@ def serve_rank(link: PartLink, groups: RankGroups) -> None:
             if groups.next != header.b:  # not back where it started
                 _pass_abort(outbox, header, message.payload.decode(errors="replace"))
             raise NodeError(f"rank {header.a}", message.payload.decode(errors="replace"))
-        counts["received"], counts["sent"] = inbox.received, outbox.sent
+        counts["received"], counts["sent"], counts["caught"] = (
+            inbox.received, outbox.sent, inbox.caught)  # fmt: skip
         if header.first <= rank <= header.last and header.kind != Kind.STOP:
             counts["ran"] += 1
             header, payload, tensors = _execute(link, message, rank, counts)
