@@ -139,6 +139,29 @@ def test_messages_round_trip_one_buffer_when_small_in_pieces_when_large(on_cuda)
         ]  # fmt: skip
 
 
+def test_a_message_that_came_before_its_peer_left_is_still_read():
+    # the peer sends its last message (an ABORT) and exits: posting the next receive fails,
+    # but the message that came is returned, and the next recv raises
+    from llm_partial_run.wire import Receiver, Sender, described
+
+    class _Closing(_FakeGroup):
+        def recv(self, tensors, peer, tag):
+            if not self.queues[tag]:
+                raise RuntimeError("Connection closed by peer")
+            return super().recv(tensors, peer, tag)
+
+    group = _Closing()
+    groups = SimpleNamespace(headers=group, data=group, on_cuda=False,
+                             device=torch.device("cpu"), timeout=5.0)  # fmt: skip
+    header, _ = described(Kind.ABORT, a=2, b=3)
+    Sender(groups, 0).send(header, b"rank 2 is gone")
+    receiver = Receiver(groups, 3)
+    got = receiver.recv()  # posts the next receive, which fails
+    assert (got.header.kind, got.header.a, got.payload) == (Kind.ABORT, 2, b"rank 2 is gone")
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        receiver.recv()
+
+
 class _TimedGroup:
     """Receives that complete on a schedule: the i-th receive posted gets ``messages[i]``
     ``delays[i]`` seconds after its posting, written by a thread (its first byte last)."""
@@ -507,14 +530,15 @@ class FakePart:
     doubles (and fails on values >= 999), end adds one; each part adds its cache's position
     count and row offset."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, world: int = 3) -> None:
         from types import SimpleNamespace
 
         from llm_sepweight import PartSpec
 
-        self.rank = rank
-        self.spec = PartSpec.parse(["b 0-1", "1-2", "2-3 e"][rank])
-        self.config = SimpleNamespace(num_hidden_layers=3)
+        self.rank = 0 if rank == 0 else 2 if rank == world - 1 else 1  # its role: 1 doubles
+        specs = ["b 0-1", *(f"{r}-{r + 1}" for r in range(1, world - 1)), f"{world - 1}-{world} e"]
+        self.spec = PartSpec.parse(specs[rank])
+        self.config = SimpleNamespace(num_hidden_layers=world)
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
     def new_cache(self, batch_size: int, max_len: int) -> FakeCache:
@@ -550,7 +574,8 @@ def _fake_main(mode: str) -> None:
 
     groups = init_ranks("cpu", timeout=CALLS_TIMEOUT if mode == "calls" else FAULT_TIMEOUT,
                         spin=SPIN if mode == "spin" else 0.0)  # fmt: skip
-    link = LocalLink(FakePart(groups.rank), info=part_info(FakePart(groups.rank), arch="fake"),
+    part = FakePart(groups.rank, groups.world_size)
+    link = LocalLink(part, info=part_info(part, arch="fake"),
                      name=f"rank {groups.rank}")  # fmt: skip
 
     def fail_now(exc: NodeError) -> None:  # the heartbeat found a rank gone (as launch does)
@@ -798,12 +823,22 @@ def _assert_all_end_naming(
         assert f"rank {victim}" in stderr, stderr
 
 
-@pytest.mark.parametrize("victim, mode", [(2, "kill"), (0, "kill"), (1, "kill"), (2, "idle"),
-                                          (1, "idle")])  # fmt: skip
-def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim, mode):
-    ranks = Ranks.start(3, "fake", mode)
+@pytest.mark.parametrize(
+    "victim, mode, world",
+    [
+        (2, "kill", 3),
+        (0, "kill", 3),
+        (1, "kill", 3),
+        (2, "idle", 3),
+        (1, "idle", 3),
+        (2, "idle", 4),
+    ],
+)
+def test_a_rank_killed_mid_generation_ends_every_other_rank_naming_it(victim, mode, world):
+    ranks = Ranks.start(world, "fake", mode)
     # rank 1 killed: rank 2 notices first and sends an ABORT naming it on round the ring.
-    # idle: killed once rank 0 waits between requests; only the heartbeat can notice
+    # idle: killed once rank 0 waits between requests; only the heartbeat can notice (with 4
+    # ranks a middle rank: the last rank's ABORT, not its exit, must be what rank 0 reads)
     try:
         _assert_all_end_naming(ranks, victim, after="idle" if mode == "idle" else "step 3")
     finally:

@@ -283,8 +283,11 @@ class Receiver:
         if self.spin > 0:  # seconds from posting to arrival, the last two
             came = (seen or time.perf_counter()) - posted_at
             self._came = (came, self._came[0])
-        if post_next:
-            self.post()  # the next message's receive, before this one is handled
+        if post_next:  # the next message's receive, before this one is handled
+            try:
+                self.post()
+            except RuntimeError:  # the peer is gone: this message (its ABORT?) still counts;
+                pass  # the next recv posts again and raises
         try:
             message = self._read(buffer, span)
         finally:
