@@ -4,17 +4,19 @@
         [--layout ring|line|both] [--spin-ms 0 [2 ...]]
 
 Prints, from one run (for each rank count, parts layout and spin one torchrun launch; its rank
-0 alternates the configurations round by round -- the ranks, two socket_rpc nodes, one process
+0 alternates the configurations round by round -- the ranks, socket_rpc nodes, one process
 holding the whole model -- and takes medians, so load from elsewhere hits them alike):
 - one hop with no compute (an echo part: a decode step's hidden states out, its logits back),
   gloo vs socket_rpc, alternated: the transport alone;
 - per-hop overhead per decode token, batch 1: (wall - the parts' compute) / remote parts, for
   2 and 3 torch.distributed ranks (rank 0 holds the first part -- and with ``--layout ring``,
   the launcher's auto parts, the end too -- so N ranks have N-1 remote parts; the step goes
-  round the ring rank to rank: N transfers) and for a pipeline of 2 socket_rpc nodes on
-  127.0.0.1 (2 remote parts, 4 transfers: each node's call goes out from the client and
-  back); target: gloo no worse. ``--layout line`` puts the end on the last rank (logits cross
-  the wire); ``--spin-ms``: the ranks' polling of a receive (launch ``--spin-ms``);
+  round the ring rank to rank: N transfers) and for the same chain over socket_rpc: rank 0's
+  own parts in its process, the other ranks' parts on socket_rpc nodes on 127.0.0.1 (N-1
+  remote parts, 2(N-1) transfers: each node's call goes out from the client and back), so
+  both sides run the same local parts and differ only in how the remote ones are reached;
+  target: gloo no worse. ``--layout line`` puts the end on the last rank (logits cross the
+  wire); ``--spin-ms``: the ranks' polling of a receive (launch ``--spin-ms``);
 - tokens/s with ``--flight`` sequences in flight (each batch 1, one decode step of every
   sequence sent through the ranks with ``forward_in_flight``: rank 0 sends sequence k+1 before
   k's result is back) on 2 and 3 ranks, vs one process decoding the same sequences one after
@@ -201,6 +203,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from llm_partial_run.launch import auto_parts, rank_specs
     from llm_partial_run.local import LocalLink
     from llm_partial_run.parts import load_any_part
+    from llm_partial_run.remote import RemoteLink
     from llm_partial_run.session import LocalModel, Pipeline
     from llm_sepweight import read_manifest
 
@@ -217,7 +220,9 @@ def rank_main(args: argparse.Namespace) -> None:
         return
     decode = _pipeline_module().decode
     model = LocalModel(args.dir)
-    sockets = Pipeline(args.nodes.split(","))
+    remote = [RemoteLink(address) for address in args.nodes.split(",")]  # ranks 1..N-1's parts
+    firsts = [link for link in own if link.info().spec.startswith("b")]
+    sockets = Pipeline([*firsts, *remote, *(link for link in own if link not in firsts)])
     found: dict[str, list] = {"dist": [], "socket": [], "flight": [], "one": [], "batch": []}
     with Cluster(groups) as cluster:
         pipeline = Pipeline(cluster.chain(own))
@@ -282,8 +287,9 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
 
     For each rank count and parts layout (``ring``: the launcher's auto parts, rank 0 holding
     begin and end; ``line``: the last rank holding end, so logits cross the wire), one torchrun
-    launch whose rank 0 alternates, round by round: batch-1 decode over the ranks and over 2
-    socket_rpc nodes (per-hop overhead side by side), and ``flight`` sequences in flight over
+    launch whose rank 0 alternates, round by round: batch-1 decode over the ranks and over the
+    same parts with ranks 1..N-1's served by socket_rpc nodes (per-hop overhead side by side;
+    the nodes are started per rank count and layout), and ``flight`` sequences in flight over
     the ranks vs one process (the whole model in rank 0's process) decoding them one after
     another, and as one batch.
     """
@@ -291,26 +297,34 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
     echo = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-node"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
-    procs = bench.start_nodes(directory, ("b 0-15", "15-30 e"), threads)
+    from llm_partial_run.launch import auto_parts
+    from llm_sepweight import read_manifest
+
+    manifest = read_manifest(directory)
     try:
         hop = run_ranks(directory, 2, [bench.ready(echo)], tokens=tokens, rounds=rounds,
                         flight=flight, threads=threads, echo=True)  # fmt: skip
         hop_load = os.getloadavg()[0]
-        nodes = [bench.ready(p) for p in procs]
         results = []
-        for n in ranks:
-            for layout, spin_ms in itertools.product(layouts, spins_ms):
-                results.append(run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds,
-                                         flight=flight, threads=threads, layout=layout,
-                                         spin_ms=spin_ms))  # fmt: skip
-                results[-1]["load"] = os.getloadavg()[0]  # over the last minute: the run's
-                results[-1]["spin_ms"] = spin_ms
+        for n, layout in itertools.product(ranks, layouts):
+            # socket_rpc nodes serving what ranks 1..n-1 hold (rank 0's parts stay local)
+            specs = auto_parts(manifest, n, end_on_rank0=layout == "ring")[1:]
+            procs = bench.start_nodes(directory, tuple(specs), threads)
+            try:
+                nodes = [bench.ready(p) for p in procs]
+                for spin_ms in spins_ms:
+                    results.append(run_ranks(directory, n, nodes, tokens=tokens, rounds=rounds,
+                                             flight=flight, threads=threads, layout=layout,
+                                             spin_ms=spin_ms))  # fmt: skip
+                    results[-1]["load"] = os.getloadavg()[0]  # over the last minute: the run's
+                    results[-1]["spin_ms"] = spin_ms
+            finally:
+                for p in procs:
+                    p.terminate()
+                    p.wait()
     finally:
         echo.stdin.close()
         echo.wait()
-        for p in procs:
-            p.terminate()
-            p.wait()
     d, k = hop["dist"] * 1e3, hop["socket"] * 1e3
     lines = [
         f"  one hop, transport alone (576 floats out, 49152 back, no compute), alternated: "
@@ -322,12 +336,13 @@ def dist_lines(directory: Path, *, tokens: int = 32, rounds: int = 3, flight: in
         n, hops = r["ranks"], r["hops"]
         wall, compute = r["dist"][0], r["dist"][1]
         swall, scompute = r["socket"][0], r["socket"][1]
-        hop, shop = (wall - compute) / hops * 1e3, (swall - scompute) / 2 * 1e3
+        hop, shop = (wall - compute) / hops * 1e3, (swall - scompute) / hops * 1e3
         lines.append(
             f"  {n} gloo ranks ({' | '.join(r['parts'])}; spin {r['spin_ms']:g} ms): "
             f"{wall * 1e3:6.2f} ms/token (compute "
             f"{compute * 1e3:6.2f}), "
-            f"overhead {hop:5.2f} ms/hop; 2 socket_rpc nodes alternated: {swall * 1e3:6.2f} "
+            f"overhead {hop:5.2f} ms/hop; the same parts, {hops} on socket_rpc nodes, "
+            f"alternated: {swall * 1e3:6.2f} "
             f"ms/token, {shop:5.2f} ms/hop: gloo/socket {hop / shop:4.2f}x (target <= 1x) "
             f"[load {r['load']:.1f}]"
         )
