@@ -269,16 +269,16 @@ def test_rank_zero_posts_a_results_receive_when_it_sends_the_call_or_when_idle()
     ping = Header(Kind.PING, first=1, last=1)
     assert group.events == ["post from 1"]  # the first result's
     ring.call(ping, b"", [], "rank 1").message()
-    assert group.events[1:] == ["send to 1"] and ring.unposted  # read, nothing in flight
+    assert group.events[1:] == ["send to 1"] and not ring.receiver.posted  # nothing in flight
     first, second = (ring.call(ping, b"", [], "rank 1") for _ in range(2))
     assert group.events[2:] == ["send to 1", "post from 1", "send to 1"]  # posted once
     first.message()
-    assert group.events[5:] == ["post from 1"] and not ring.unposted  # the second's, at once
+    assert group.events[5:] == ["post from 1"] and ring.receiver.posted  # the second's, at once
     second.message()
-    assert group.events[6:] == [] and ring.unposted
+    assert group.events[6:] == [] and not ring.receiver.posted
     ring.post_idle()  # the heartbeat, once rank 0 has idled
     ring.post_idle()
-    assert group.events[6:] == ["post from 1"] and not ring.unposted
+    assert group.events[6:] == ["post from 1"] and ring.receiver.posted
 
 
 def test_a_receive_makes_the_next_messages_tensor_when_it_posts_it():

@@ -208,9 +208,6 @@ class _Ring:
         self.sender = Sender(groups, groups.next, pool)
         self.receiver = Receiver(groups, groups.previous, pool)
         self.receiver.post()  # the first result's receive (see read() for the next ones)
-        self.unposted = False
-        """True when a read left the next result's receive unposted (nothing in flight); the
-        next call posts it, or the cluster's heartbeat once idle for :data:`IDLE_POST`."""
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = 0  # tickets handed out
@@ -273,7 +270,6 @@ class _Ring:
                 self._read += 1
                 self.last_used = time.monotonic()
                 self._turn.notify_all()
-            self.unposted = not in_flight
         if message.header.kind == Kind.ABORT:  # a rank lost its predecessor
             raise self.fail(message.header.a, message.payload.decode(errors="replace"))
         if message.header.kind != kind:
@@ -306,9 +302,11 @@ class _Ring:
                 log.debug("%s not delivered round the ring: %s", kind.name, exc)
 
     def post_idle(self) -> None:
-        """Post the next result's receive if a read left it unposted (the heartbeat's job)."""
+        """Post the next result's receive if a read left it unposted (the heartbeat's job,
+        once rank 0 has idled :data:`IDLE_POST` seconds; a busy rank 0 posts it with its next
+        call)."""
         with self._send_lock:
-            if self.unposted and self.failed is None and self.stopped is None:
+            if not self.receiver.posted and self.failed is None and self.stopped is None:
                 try:
                     self._post("the next call")
                 except NodeError:
@@ -317,7 +315,6 @@ class _Ring:
     def _post(self, what: str) -> None:
         """Post the next result's receive; NodeError naming the last rank when it is gone
         (posting to a closed connection fails at once)."""
-        self.unposted = False
         try:
             self.receiver.post()
         except RuntimeError as exc:
@@ -618,7 +615,7 @@ class Cluster:
     def _beat(self) -> None:
         ring = self.ring
         while ring is not None and not self._stop.wait(min(self.period / 2, IDLE_POST)):
-            if ring.unposted and not ring.busy and time.monotonic() - ring.last_used >= IDLE_POST:
+            if not ring.busy and time.monotonic() - ring.last_used >= IDLE_POST:
                 ring.post_idle()
             # the ring may have failed in a call whose error a caller swallowed (a session
             # closing quietly): the cluster is broken all the same

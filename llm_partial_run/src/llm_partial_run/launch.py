@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="busy-poll each receive this long around its expected arrival during a steady "
-        "decode (saves a thread wake per transfer, about 0.075 ms on a 2-core VM, for CPU "
-        "time; only where every rank has a core of its own; default 0: never)",
+        "decode (saves gloo's second thread wake per receive for CPU time; on a 2-vCPU VM up "
+        "to 0.15 ms a token, not in every run; only where every rank has a core of its own; "
+        "default 0: never)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the part's files")
     what = p.add_mutually_exclusive_group(required=True)

@@ -240,6 +240,11 @@ class Receiver:
         self.caught = 0
         """Messages seen arriving while polling (:attr:`spin`)."""
 
+    @property
+    def posted(self) -> bool:
+        """True while the next message's receive is posted and no :meth:`recv` has taken it."""
+        return self._posted is not None
+
     def post(self) -> None:
         """Post the receive of the next message (harmless twice; safe from several threads).
 
