@@ -221,8 +221,7 @@ def rank_main(args: argparse.Namespace) -> None:
     decode = _pipeline_module().decode
     model = LocalModel(args.dir)
     remote = [RemoteLink(address) for address in args.nodes.split(",")]  # ranks 1..N-1's parts
-    firsts = [link for link in own if link.info().spec.startswith("b")]
-    sockets = Pipeline([*firsts, *remote, *(link for link in own if link not in firsts)])
+    sockets = Pipeline([*own, *remote])  # (a pipeline orders its parts into the chain)
     found: dict[str, list] = {"dist": [], "socket": [], "flight": [], "one": [], "batch": []}
     with Cluster(groups) as cluster:
         pipeline = Pipeline(cluster.chain(own))
